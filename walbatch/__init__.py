@@ -1,0 +1,47 @@
+"""walbatch: a durable, write-ahead-log-backed micro-batcher.
+
+Submit items one at a time; each is fsync'd to an append-only segment log before
+``submit`` returns, batched to a sink, and replayed after a crash.
+"""
+
+from .dlq import DeadLetter, DeadLetterStore
+from .durable import DurableBatcher, Receipt, Receipts, Stats
+from .errors import (
+    Closed,
+    CorruptLog,
+    DeadLettered,
+    LogFailed,
+    LogFull,
+    LogLocked,
+    LogWriteError,
+    PermanentSinkError,
+    SinkError,
+    WalbatchError,
+)
+from .options import Options
+from .record import Batch, Record
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Closed",
+    "CorruptLog",
+    "DeadLetter",
+    "DeadLetterStore",
+    "DeadLettered",
+    "DurableBatcher",
+    "LogFailed",
+    "LogFull",
+    "LogLocked",
+    "LogWriteError",
+    "Options",
+    "PermanentSinkError",
+    "Receipt",
+    "Receipts",
+    "Record",
+    "SinkError",
+    "Stats",
+    "WalbatchError",
+    "__version__",
+]

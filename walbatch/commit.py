@@ -1,0 +1,116 @@
+"""Group commit: concurrent submitters share one write and one fdatasync.
+
+As leveldb's ``DBImpl::Write``: every committer queues a waiter. If no commit
+is running, the arriving thread leads at once, so a lone submitter pays no
+thread hand-off. Otherwise it sleeps; the leader takes the queue (up to
+``max_group_bytes``), writes it as one frame, fsyncs once, hands each waiter its
+first seq (or the shared error) and passes leadership to the next waiter.
+
+Invariant: at most one leader at a time, so frames are written, synced and
+handed to ``on_durable`` in seq order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from .errors import Closed
+from .log import Log
+
+_allocate = threading.Lock
+
+
+class _Waiter:
+    __slots__ = ("payload", "count", "first_seq", "error", "done", "wake")
+
+    def __init__(self, payload: bytes, count: int) -> None:
+        self.payload = payload
+        self.count = count
+        self.first_seq = 0
+        self.error: BaseException | None = None
+        self.done = False
+        self.wake: threading.Lock | None = None
+
+
+class GroupCommitter:
+    def __init__(
+        self,
+        log: Log,
+        on_durable: Callable[[int, int, bytes], None],
+        max_group_bytes: int = 4 << 20,
+    ) -> None:
+        self.log = log
+        self.on_durable = on_durable
+        self.max_group_bytes = max_group_bytes
+        self.groups = 0
+        self._mu = threading.Lock()
+        self._idle = threading.Condition(self._mu)
+        self._queue: deque[_Waiter] = deque()
+        self._leading = False
+        self._closed = False
+
+    def commit(self, payload: bytes, count: int) -> int:
+        """Durably append ``count`` items encoded in ``payload``; return the first seq."""
+        w = _Waiter(payload, count)
+        with self._mu:
+            if self._closed:
+                raise Closed("the batcher is closed; the item was not written")
+            self._queue.append(w)
+            if self._leading:
+                w.wake = _allocate()
+                w.wake.acquire()
+            else:
+                self._leading = True
+        if w.wake is not None:
+            w.wake.acquire()  # released when our group is done, or when we lead
+        if not w.done:
+            self._lead()
+        if w.error is not None:
+            raise w.error
+        return w.first_seq
+
+    def _lead(self) -> None:
+        with self._mu:
+            group = [self._queue.popleft()]
+            size = len(group[0].payload)
+            while self._queue and size + len(self._queue[0].payload) <= self.max_group_bytes:
+                w = self._queue.popleft()
+                group.append(w)
+                size += len(w.payload)
+        count = sum(w.count for w in group) if len(group) > 1 else group[0].count
+        payload = group[0].payload if len(group) == 1 else b"".join(w.payload for w in group)
+        try:
+            first = self.log.append(payload, count)
+            self.log.sync()
+        except BaseException as ex:  # every waiter in the group gets the error
+            for w in group:
+                w.error = ex
+        else:
+            seq = first
+            for w in group:
+                w.first_seq = seq
+                seq += w.count
+            self.groups += 1
+            self.on_durable(first, count, payload)
+        with self._mu:
+            for w in group:
+                w.done = True
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
+                self._idle.notify_all()
+        for w in group[1:]:
+            assert w.wake is not None
+            w.wake.release()
+        if successor is not None:
+            assert successor.wake is not None
+            successor.wake.release()
+
+    def close(self) -> None:
+        """Refuse new commits and wait for the running one (and its queue) to finish."""
+        with self._mu:
+            self._closed = True
+            while self._leading:
+                self._idle.wait()

@@ -1,0 +1,170 @@
+"""The dead-letter store: items a sink refused for good, with the error.
+
+Lives in ``<data dir>/dlq.db`` (SQLite through sqlite-utils), one row per item
+keyed by ``(log_id, seq)``, so recording the same failure twice (after a crash
+before the checkpoint moved) keeps one row. A row is committed durably
+(``synchronous=FULL``) before the checkpoint moves past its seq. Items lost to
+quarantined corruption are recorded here too, with ``item`` NULL.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import sqlite_utils
+
+if TYPE_CHECKING:
+    from .durable import DurableBatcher
+
+DLQ_FILE = "dlq.db"
+TABLE = "dead_letters"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    log_id: str
+    seq: int
+    item: Any
+    """The item as submitted, or None when ``lost`` is true."""
+    error: str
+    error_type: str
+    failed_at: float
+    attempts: int
+    lost: bool
+    """True for seqs lost to corruption: there is no payload to requeue."""
+
+
+class DeadLetterStore:
+    """Read and write ``dlq.db``. Thread-safe: one connection, one lock."""
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self.path = path
+        self._lock = threading.Lock()
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self.db = sqlite_utils.Database(conn)
+        if TABLE not in self.db.table_names():
+            self.db[TABLE].create(
+                {"log_id": str, "seq": int, "item": bytes, "error": str, "error_type": str,
+                 "failed_at": float, "attempts": int, "lost": int},
+                pk=("log_id", "seq"),
+            )
+
+    @classmethod
+    def for_dir(cls, data_dir: str) -> DeadLetterStore:
+        return cls(os.path.join(data_dir, DLQ_FILE))
+
+    def add(self, log_id: str, records: Iterable[tuple[int, Any]], error: BaseException | str,
+            attempts: int = 1, lost: bool = False) -> int:
+        """Durably record ``records`` (``(seq, item)`` pairs) as dead with ``error``."""
+        now = time.time()
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        etype = "Lost" if lost else (type(error).__name__ if not isinstance(error, str) else "")
+        rows = [
+            {"log_id": log_id, "seq": seq,
+             "item": None if lost else msgpack.packb(item, use_bin_type=True),
+             "error": text, "error_type": etype, "failed_at": now,
+             "attempts": attempts, "lost": int(lost)}
+            for seq, item in records
+        ]
+        with self._lock, self.db.conn:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            self.db[TABLE].insert_all(rows, pk=("log_id", "seq"), replace=True)
+        return len(rows)
+
+    def list(self, limit: int | None = None, offset: int = 0) -> list[DeadLetter]:
+        sql = f"SELECT * FROM {TABLE} ORDER BY log_id, seq"
+        params: list[Any] = []
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params = [limit, offset]
+        with self._lock:
+            rows = list(self.db.query(sql, params))
+        return [_row(r) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self.db[TABLE].count
+
+    def remove(self, keys: Iterable[tuple[str, int]]) -> int:
+        keys = list(keys)
+        with self._lock, self.db.conn:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            self.db.conn.executemany(
+                f"DELETE FROM {TABLE} WHERE log_id = ? AND seq = ?", keys)
+        return len(keys)
+
+    def purge(self, seqs: Sequence[int] | None = None) -> int:
+        """Delete dead letters (all, or those with the given seqs); return how many."""
+        victims = [(d.log_id, d.seq) for d in self.list() if seqs is None or d.seq in set(seqs)]
+        return self.remove(victims)
+
+    def requeue(self, batcher: DurableBatcher, seqs: Sequence[int] | None = None) -> int:
+        """Submit dead letters again (as new items with new seqs), then delete them.
+
+        The submit is durable before the row is deleted, so a crash in between
+        can only leave a duplicate, never a loss. Lost-to-corruption rows have no
+        payload and are left in place. Returns how many were requeued.
+        """
+        wanted = None if seqs is None else set(seqs)
+        chosen = [d for d in self.list() if not d.lost and (wanted is None or d.seq in wanted)]
+        if not chosen:
+            return 0
+        batcher.submit_many([d.item for d in chosen])
+        return self.remove((d.log_id, d.seq) for d in chosen)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+
+def _row(r: dict[str, Any]) -> DeadLetter:
+    item = None if r["item"] is None else msgpack.unpackb(
+        r["item"], raw=False, strict_map_key=False)
+    return DeadLetter(r["log_id"], r["seq"], item, r["error"], r["error_type"],
+                      r["failed_at"], r["attempts"], bool(r["lost"]))
+
+
+def list_dead_letters(data_dir: str, limit: int | None = None) -> list[DeadLetter]:
+    """The dead letters of the log in ``data_dir`` (works while a batcher runs)."""
+    path = os.path.join(data_dir, DLQ_FILE)
+    if not os.path.exists(path):
+        return []
+    store = DeadLetterStore(path)
+    try:
+        return store.list(limit)
+    finally:
+        store.close()
+
+
+def requeue(data_dir: str, sink: Any = None, seqs: Sequence[int] | None = None) -> int:
+    """Requeue dead letters of the log in ``data_dir`` through a short-lived batcher.
+
+    Fails with LogLocked while another batcher has the directory open; use
+    ``DurableBatcher.dead_letters.requeue(batcher)`` from inside that process.
+    The requeued items are delivered when the log is next opened with a sink
+    (or right away, if ``sink`` is given).
+    """
+    from .durable import DurableBatcher
+
+    with DurableBatcher(data_dir, sink or _Hold(), close_timeout=0 if sink is None else 30) as b:
+        return b.dead_letters.requeue(b, seqs)
+
+
+class _Hold:
+    """A sink that takes nothing, so requeued items wait in the log."""
+
+    def write(self, batch: list[Any]) -> None:
+        from .errors import SinkError
+
+        raise SinkError("no sink given: the item stays in the log", retryable=True)

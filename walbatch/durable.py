@@ -1,0 +1,435 @@
+"""DurableBatcher: the embedded API over the log, the group committer and the flusher.
+
+The promise (docs/guarantees.md): ``submit`` returns only after the item is in
+the log and fdatasync'd; every acknowledged item is then delivered to the sink,
+dead-lettered with its error, or still in the log, and is replayed by the next
+open if this process dies first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import msgpack
+
+from .commit import GroupCommitter
+from .dlq import DeadLetterStore
+from .errors import Closed, LogFull
+from .fileio import FileSystem
+from .flusher import Flusher
+from .framing import FRAME_HEADER_SIZE, HEADER_SIZE
+from .log import Log
+from .options import Options
+from .sinks.base import resolve_sink
+
+log = logging.getLogger("walbatch")
+
+def _encode(item: Any) -> bytes:
+    try:
+        return msgpack.packb(item, use_bin_type=True)
+    except (TypeError, OverflowError, ValueError) as ex:
+        raise TypeError(
+            f"cannot submit a {type(item).__name__}: items must be msgpack-serialisable "
+            f"(None, bool, int, float, str, bytes, list, tuple, dict): {ex}"
+        ) from None
+
+
+def _encode_many(items: Iterable[Any]) -> tuple[bytes, int]:
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    pack = packer.pack
+    n = 0
+    for n, item in enumerate(items, 1):  # noqa: B007 - n is the count afterwards
+        try:
+            pack(item)
+        except (TypeError, OverflowError, ValueError) as ex:
+            raise TypeError(
+                f"cannot submit items[{n - 1}], a {type(item).__name__}: items must be "
+                f"msgpack-serialisable; nothing was written: {ex}"
+            ) from None
+    return packer.bytes(), n
+
+
+class Receipt:
+    """The acknowledgement of one durable item: its seq, and a way to await delivery."""
+
+    __slots__ = ("seq", "_flusher")
+
+    def __init__(self, seq: int, flusher: Flusher) -> None:
+        self.seq = seq
+        self._flusher = flusher
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the item is delivered.
+
+        Raises DeadLettered if it went to the dead-letter store, TimeoutError if
+        not delivered in time (it stays in the log), Closed if the batcher closed
+        first.
+        """
+        self._flusher.wait_seq(self.seq, timeout)
+
+    @property
+    def delivered(self) -> bool:
+        """True once the item is delivered or dead-lettered."""
+        with self._flusher._cv:
+            return self._flusher._is_complete(self.seq)
+
+    def __repr__(self) -> str:
+        return f"Receipt(seq={self.seq})"
+
+
+class Receipts(Sequence[Receipt]):
+    """The receipts of one ``submit_many``: seqs ``first_seq .. first_seq+count-1``."""
+
+    __slots__ = ("first_seq", "count", "_flusher")
+
+    def __init__(self, first_seq: int, count: int, flusher: Flusher) -> None:
+        self.first_seq = first_seq
+        self.count = count
+        self._flusher = flusher
+
+    def __len__(self) -> int:
+        return self.count
+
+    @overload
+    def __getitem__(self, i: int) -> Receipt: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Receipt]: ...
+    def __getitem__(self, i: int | slice) -> Receipt | list[Receipt]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if i < 0:
+            i += self.count
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return Receipt(self.first_seq + i, self._flusher)
+
+    def __iter__(self) -> Iterator[Receipt]:
+        for i in range(self.count):
+            yield Receipt(self.first_seq + i, self._flusher)
+
+    @property
+    def seqs(self) -> range:
+        return range(self.first_seq, self.first_seq + self.count)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until all are delivered; raise DeadLettered for the first dead one."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for seq in self.seqs:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            self._flusher.wait_seq(seq, left)
+
+    def __repr__(self) -> str:
+        return f"Receipts(first_seq={self.first_seq}, count={self.count})"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of a batcher. At a quiescent point (nothing being submitted or
+    delivered) ``submitted == delivered + dead_lettered + pending``, across
+    reopens too."""
+
+    log_id: str
+    submitted: int
+    """Items acknowledged since the log was created (the last durable seq)."""
+    delivered: int
+    dead_lettered: int
+    pending: int
+    """Acknowledged items not yet delivered or dead-lettered."""
+    batches_by_reason: dict[str, int] = field(default_factory=dict)
+    log_bytes: int = 0
+    segments: int = 0
+    fsyncs: int = 0
+    commit_groups: int = 0
+    last_checkpoint: int = 0
+    retries: int = 0
+    last_error: str | None = None
+    lost_to_corruption: int = 0
+
+
+class DurableBatcher:
+    """Acknowledge items only once fsync'd; batch them to ``sink``; replay on open.
+
+    ``sink`` is a callable ``fn(batch)``, an object with ``write(batch)`` (and
+    optionally ``close()``), or a URL: ``sqlite:///out.db?table=items``,
+    ``file:///out.jsonl``, ``module:function``. Options are keyword arguments
+    (see ``walbatch.Options`` for each one and its default).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], sink: Any, *,
+                 _fs: FileSystem | None = None, **options: Any) -> None:
+        unknown = set(options) - set(Options.names())
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; "
+                            f"valid options: {', '.join(Options.names())}")
+        self.options = opts = Options(**options)
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._sink = resolve_sink(sink)
+        self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,
+                             on_corruption=opts.on_corruption)
+        try:
+            self.dead_letters = DeadLetterStore.for_dir(self.directory)
+            if self._log.lost:
+                for r in self._log.lost:
+                    seqs = range(max(r.first, self._log.checkpoint.seq + 1), r.last + 1)
+                    self.dead_letters.add(
+                        str(self._log.log_id), [(s, None) for s in seqs],
+                        f"lost to corruption in {r.path} at offset {r.offset}: {r.reason} "
+                        "(bytes kept in quarantine/)", lost=True)
+            self._flusher = Flusher(self._log, self._sink, self.dead_letters, opts)
+            self._committer = GroupCommitter(self._log, self._flusher.on_durable,
+                                             opts.max_group_bytes)
+        except BaseException:
+            self._log.close()
+            raise
+        self._room = threading.Condition(threading.Lock())
+        self._closing = False
+        self._close_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._aio_pool: ThreadPoolExecutor | None = None
+        self._aio_state: weakref.WeakKeyDictionary[Any, _AioQueue] = weakref.WeakKeyDictionary()
+        self._flusher.on_space = self._notify_room
+        self._flusher.start()
+
+    def _notify_room(self) -> None:
+        with self._room:
+            self._room.notify_all()
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def log_id(self) -> str:
+        return str(self._log.log_id)
+
+    # -------------------------------------------------------------- submit
+
+    def submit(self, item: Any) -> Receipt:
+        """Durably append one item; return once it is fsync'd.
+
+        Raises TypeError (nothing written) for an item msgpack cannot encode,
+        LogFull when the log stays full for ``submit_timeout``, Closed after
+        close(), LogFailed/LogWriteError when the disk fails.
+        """
+        data = _encode(item)
+        self._wait_for_room(len(data))
+        return Receipt(self._committer.commit(data, 1), self._flusher)
+
+    def submit_many(self, items: Iterable[Any]) -> Receipts:
+        """Durably append all ``items`` in one write and one fsync.
+
+        All or nothing: if any item cannot be encoded, nothing is written.
+        """
+        payload, count = _encode_many(items)
+        if count == 0:
+            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+        self._wait_for_room(len(payload))
+        return Receipts(self._committer.commit(payload, count), count, self._flusher)
+
+    def _commit_payload(self, payload: bytes, count: int) -> int:
+        self._wait_for_room(len(payload))
+        return self._committer.commit(payload, count)
+
+    async def asubmit(self, item: Any) -> Receipt:
+        """``submit`` for asyncio: same promise, without blocking the event loop.
+
+        Items submitted from one event loop while a commit is running are
+        committed together by a helper thread. If the awaiting task is
+        cancelled the item may still have been acknowledged.
+        """
+        data = _encode(item)
+        if self._closing:
+            raise Closed("the batcher is closed; the item was not written")
+        loop = asyncio.get_running_loop()
+        q = self._aio_state.get(loop)
+        if q is None:
+            q = self._aio_state[loop] = _AioQueue()
+        fut = loop.create_future()
+        q.payloads.append(data)
+        q.futures.append(fut)
+        if not q.running:
+            q.running = True
+            loop.create_task(self._aio_drain(loop, q))
+        return await fut
+
+    async def asubmit_many(self, items: Iterable[Any]) -> Receipts:
+        """``submit_many`` for asyncio."""
+        payload, count = _encode_many(items)
+        if count == 0:
+            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(self._aio_executor(), self._commit_payload,
+                                           payload, count)
+        return Receipts(first, count, self._flusher)
+
+    def _aio_executor(self) -> ThreadPoolExecutor:
+        if self._aio_pool is None:
+            with self._close_lock:
+                if self._aio_pool is None:
+                    self._aio_pool = ThreadPoolExecutor(4, thread_name_prefix="walbatch-aio")
+        return self._aio_pool
+
+    async def _aio_drain(self, loop: asyncio.AbstractEventLoop, q: _AioQueue) -> None:
+        pool = self._aio_executor()
+        flusher = self._flusher
+        try:
+            while q.payloads:
+                payloads, futures = q.payloads, q.futures
+                q.payloads, q.futures = [], []
+                payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+                try:
+                    first = await loop.run_in_executor(pool, self._commit_payload, payload,
+                                                       len(payloads))
+                except BaseException as ex:
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(ex)
+                    continue
+                for seq, f in enumerate(futures, first):
+                    if not f.done():
+                        f.set_result(Receipt(seq, flusher))
+        finally:
+            q.running = False
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        opts = self.options
+        if self._log.total_bytes + nbytes <= opts.max_log_bytes:
+            return
+        if nbytes + HEADER_SIZE + FRAME_HEADER_SIZE > opts.max_log_bytes:
+            raise LogFull(f"an item of {nbytes} bytes can never fit in max_log_bytes="
+                          f"{opts.max_log_bytes}; nothing was written")
+        deadline = time.monotonic() + opts.submit_timeout
+        with self._room:
+            while self._log.total_bytes + nbytes > opts.max_log_bytes:
+                if self._closing:
+                    raise Closed("the batcher is closed; the item was not written")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LogFull(
+                        f"log is full ({self._log.total_bytes} of max_log_bytes="
+                        f"{opts.max_log_bytes} bytes) and did not drain within "
+                        f"submit_timeout={opts.submit_timeout}s; the item was not written"
+                        + (f"; last sink error: {self._flusher.last_error}"
+                           if self._flusher.last_error else "")
+                    )
+                self._room.wait(min(left, 0.05))
+
+    # ------------------------------------------------------------- control
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Deliver everything acknowledged so far (or dead-letter it) and checkpoint.
+
+        Raises TimeoutError if that does not happen within ``timeout`` seconds
+        (the items stay in the log), or the flusher's fatal error (CorruptLog).
+        """
+        self._flusher.flush(self._log.synced_seq, timeout)
+
+    def stats(self) -> Stats:
+        f = self._flusher
+        with f._cv:
+            delivered = f.delivered_total + f.delivered_above
+            dead = f.dead_total + f.dead_above
+            completed_above = f.delivered_above + f.dead_above
+            done = f.done_through
+            by_reason = dict(f.batches_by_reason)
+            retries, last_error, cp = f.retries, f.last_error, f.persisted.seq
+        submitted = max(self._log.synced_seq, done)
+        segs = self._log.segments()
+        return Stats(
+            log_id=self.log_id,
+            submitted=submitted,
+            delivered=delivered,
+            dead_lettered=dead,
+            pending=submitted - done - completed_above,
+            batches_by_reason=by_reason,
+            log_bytes=sum(s.size for s in segs),
+            segments=len(segs),
+            fsyncs=self._log.fsyncs,
+            commit_groups=self._committer.groups,
+            last_checkpoint=cp,
+            retries=retries,
+            last_error=last_error,
+            lost_to_corruption=sum(r.last - r.first + 1 for r in self._log.lost),
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop intake, deliver what can be delivered within ``timeout``, close.
+
+        What is not delivered by then stays in the log for the next open.
+        Idempotent and safe from any thread, including from inside the sink.
+        """
+        timeout = self.options.close_timeout if timeout is None else timeout
+        with self._close_lock:
+            first = not self._closing
+            self._closing = True
+        if first:
+            self._committer.close()
+            with self._room:
+                self._room.notify_all()
+            self._flusher.stop(time.monotonic() + timeout)
+        if threading.current_thread() is self._flusher.thread:
+            # Called from inside the sink: the flusher cannot wait for itself.
+            threading.Thread(target=self._finish_after_exit, daemon=True).start()
+            return
+        if not self._flusher.exited.wait(timeout + 5.0):
+            log.error("walbatch: the sink did not return within the close timeout; "
+                      "closing anyway (undelivered items stay in the log)")
+        self._finish()
+
+    def _finish_after_exit(self) -> None:
+        self._flusher.exited.wait()
+        self._finish()
+
+    def _finish(self) -> None:
+        with self._close_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+        if self._aio_pool is not None:
+            self._aio_pool.shutdown(wait=False)
+        close = getattr(self._sink, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log.exception("walbatch: sink.close() failed")
+        self.dead_letters.close()
+        self._log.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def __enter__(self) -> DurableBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
+
+    async def __aenter__(self) -> DurableBatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"DurableBatcher({self.directory!r}, {self._sink!r})"
+
+
+class _AioQueue:
+    __slots__ = ("payloads", "futures", "running")
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.futures: list[asyncio.Future[Receipt]] = []
+        self.running = False

@@ -1,0 +1,467 @@
+"""The flusher thread: read acknowledged records, batch them, deliver, checkpoint.
+
+Shape (huey's consumer): ``run()`` loops until told to stop; signals only set
+flags under ``_cv``. Records come from an in-memory tail fed by the group
+committer after each fsync; the log on disk is read only for the backlog found
+at open (replay) or when the tail overflowed ``memory_tail_bytes``.
+
+Ownership: everything under "progress" (what is complete, the totals, the dead
+seqs) is guarded by ``_cv``; the batch policy, reader and checkpoint writes
+belong to the flusher thread alone.
+
+Invariant: the checkpoint moves only over a contiguous prefix of seqs that are
+delivered or durably dead-lettered, whatever order batches complete in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .batcher import REASONS, BatchPolicy, ClosedBatch
+from .checkpoint import Checkpoint
+from .dlq import DeadLetterStore
+from .errors import CorruptLog, DeadLettered, SinkError
+from .framing import decode_items
+from .log import Log, RawFrame
+from .options import Options
+from .record import Batch, Record
+
+log = logging.getLogger("walbatch")
+
+_MAX_REMEMBERED_DEAD = 100_000
+
+
+class _Abandoned(Exception):
+    """The shutdown deadline passed while a batch was still failing."""
+
+
+class Flusher:
+    def __init__(self, log_: Log, sink: Any, dlq: DeadLetterStore, opts: Options) -> None:
+        self.log = log_
+        self.sink = sink
+        self.dlq = dlq
+        self.opts = opts
+        self.log_id = str(log_.log_id)
+        self.policy: BatchPolicy[Record] = BatchPolicy(opts.max_items, opts.max_bytes, opts.max_delay)
+        self._cv = threading.Condition(threading.Lock())
+        # --- intake (guarded by _cv)
+        self._tail: deque[RawFrame] = deque()
+        self._tail_bytes = 0
+        self._tail_next = log_.next_seq  # the seq the next tail frame must start at
+        self._tail_ok = True
+        self._waiting = False
+        self._read_seq = log_.checkpoint.seq + 1  # flusher thread only
+        self._replay_end = log_.synced_seq  # records <= this were found at open
+        self._reader = log_.reader(self._read_seq)
+        # --- progress (guarded by _cv)
+        cp = log_.checkpoint
+        self.done_through = cp.seq
+        self.delivered_total = cp.delivered
+        self.dead_total = cp.dead_lettered
+        self._completed: dict[int, tuple[int, int, int]] = {}
+        self.delivered_above = 0
+        self.dead_above = 0
+        self.dead_seqs: dict[int, str] = {}
+        self.batches_by_reason = dict.fromkeys(REASONS, 0)
+        self.retries = 0
+        self.last_error: str | None = None
+        self.fatal: BaseException | None = None
+        self.persisted = cp
+        self._flush_target = 0
+        self._flush_waiters = 0
+        self._last_cp_write = time.monotonic()
+        # --- lifecycle
+        self._stop = threading.Event()
+        self._deadline: float | None = None
+        self._abandoned = False
+        self._inflight = 0
+        self._pool = (
+            ThreadPoolExecutor(opts.flush_concurrency, thread_name_prefix="walbatch-deliver")
+            if opts.flush_concurrency > 1 else None
+        )
+        self.on_space: Any = lambda: None  # called when segments were freed
+        self.thread = threading.Thread(target=self._run, name="walbatch-flusher", daemon=True)
+        self.exited = threading.Event()
+
+    # ------------------------------------------------------------- intake
+
+    def on_durable(self, first_seq: int, count: int, payload: bytes) -> None:
+        """Called by the group committer, in seq order, after each fsync."""
+        with self._cv:
+            if self._tail_ok:
+                full = self._tail_bytes + len(payload) > self.opts.memory_tail_bytes
+                if first_seq != self._tail_next or full:
+                    self._tail_ok = False  # fall back to reading the log from disk
+                    self._tail.clear()
+                    self._tail_bytes = 0
+                else:
+                    self._tail.append(RawFrame(first_seq, count, payload))
+                    self._tail_bytes += len(payload)
+                    self._tail_next = first_seq + count
+            if self._waiting:
+                self._cv.notify_all()
+
+    def _take_frames(self) -> list[RawFrame]:
+        """Next frames to batch, from memory or disk; [] if there are none now."""
+        with self._cv:
+            if self._tail_ok and self._tail and self._tail[0].first_seq <= self._read_seq:
+                frames = list(self._tail)
+                self._tail.clear()
+                self._tail_bytes = 0
+                return self._trim(frames)
+            if self._tail_ok and self._read_seq >= self._tail_next:
+                return []
+        self._reader.next_seq = self._read_seq
+        frames = self._reader.read()
+        if not frames:
+            with self._cv:
+                if not self._tail_ok and self._read_seq > self.log.synced_seq:
+                    # Caught up with the disk: new frames may go to memory again.
+                    self._tail_ok = True
+                    self._tail_next = self._read_seq
+        return frames
+
+    def _trim(self, frames: list[RawFrame]) -> list[RawFrame]:
+        out = []
+        for f in frames:
+            if f.first_seq + f.count <= self._read_seq:
+                continue
+            skip = self._read_seq - f.first_seq
+            out.append(f if skip <= 0 else RawFrame(f.first_seq, f.count, f.payload, skip))
+        return out
+
+    # --------------------------------------------------------------- loop
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as ex:  # a flusher that dies must say so, loudly
+            log.exception("walbatch flusher stopped")
+            with self._cv:
+                self.fatal = ex
+                self.last_error = f"{type(ex).__name__}: {ex}"
+                self._cv.notify_all()
+        finally:
+            try:
+                self._write_checkpoint(force=True)
+            except Exception:
+                log.exception("walbatch: final checkpoint write failed")
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self.exited.set()
+
+    def _loop(self) -> None:
+        policy = self.policy
+        while True:
+            if self._stop.is_set() and (self._abandoned or self._past_deadline()):
+                return
+            frames = self._take_frames()
+            now = time.monotonic()
+            for frame in frames:
+                self._feed(frame, now)
+            if not frames:
+                closed = policy.poll(now)
+                if closed is not None:
+                    self._dispatch(closed)
+                elif len(policy) and self._flush_due():
+                    self._dispatch(policy.take("flush" if not self._stop.is_set() else "shutdown"))
+            self._write_checkpoint()
+            if frames:
+                continue
+            with self._cv:
+                if self._stop.is_set() and self._read_seq > self.log.synced_seq:
+                    if not len(policy) and self._inflight == 0:
+                        return
+                    if len(policy):
+                        continue
+                if self._tail and self._tail_ok:
+                    continue
+                if not self._tail_ok and self._read_seq <= self.log.synced_seq:
+                    continue
+                timeout = self._next_wakeup(now)
+                self._waiting = True
+                self._cv.wait(timeout)
+                self._waiting = False
+
+    def _next_wakeup(self, now: float) -> float | None:
+        times = []
+        due = self.policy.deadline()
+        if due is not None:
+            times.append(due - now)
+        if self.done_through > self.persisted.seq:
+            times.append(self._last_cp_write + self.opts.checkpoint_interval - now)
+        if self._deadline is not None:
+            times.append(self._deadline - now)
+        if not times:
+            return None
+        return max(0.0, min(times)) + 0.0005
+
+    def _flush_due(self) -> bool:
+        """Close the open batch early: a flush() or close() wants everything read so far."""
+        with self._cv:
+            wanted = self._flush_target if not self._stop.is_set() else self.log.synced_seq
+            return (self._flush_waiters > 0 or self._stop.is_set()) and self._read_seq > wanted
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _feed(self, frame: RawFrame, now: float) -> None:
+        if frame.payload is None:  # seqs lost to quarantined corruption
+            self._flush_open_batch_before_gap()
+            last = frame.first_seq + frame.count - 1
+            first = max(frame.first_seq, self._read_seq)
+            self._complete(first, last, 0, last - first + 1, {})
+            self._read_seq = last + 1
+            return
+        replay = frame.first_seq <= self._replay_end
+        try:
+            decoded = list(decode_items(frame.payload, frame.count))
+        except ValueError as ex:
+            raise CorruptLog(self.log.segdir, 0, str(ex),
+                             (frame.first_seq, frame.first_seq + frame.count - 1)) from ex
+        seq = frame.first_seq + frame.skip
+        for item, size in (decoded[frame.skip:] if frame.skip else decoded):
+            for closed in self.policy.add(Record(seq, item), size, now):
+                if replay:
+                    closed.reason = "replay"
+                self._dispatch(closed)
+            seq += 1
+        self._read_seq = frame.first_seq + frame.count
+        if replay and self._read_seq > self._replay_end and len(self.policy):
+            self._dispatch(self.policy.take("replay"))
+
+    def _flush_open_batch_before_gap(self) -> None:
+        closed = self.policy.take("replay")
+        if closed is not None:
+            self._dispatch(closed)
+
+    # ----------------------------------------------------------- delivery
+
+    def _dispatch(self, closed: ClosedBatch[Record]) -> None:
+        if self._abandoned:
+            return  # shutting down: the rest stays in the log
+        with self._cv:
+            self.batches_by_reason[closed.reason] = self.batches_by_reason.get(closed.reason, 0) + 1
+        if self._pool is None:
+            self._deliver(closed)
+            return
+        with self._cv:
+            while self._inflight >= self.opts.flush_concurrency:
+                self._cv.wait()
+            self._inflight += 1
+        self._pool.submit(self._deliver_in_pool, closed)
+
+    def _deliver_in_pool(self, closed: ClosedBatch[Record]) -> None:
+        try:
+            self._deliver(closed)
+        except BaseException as ex:
+            log.exception("walbatch delivery failed")
+            with self._cv:
+                self.fatal = ex
+        finally:
+            with self._cv:
+                self._inflight -= 1
+                self._cv.notify_all()
+
+    def _deliver(self, closed: ClosedBatch[Record]) -> None:
+        records = closed.items
+        first, last = records[0].seq, records[-1].seq
+        attempt = 1
+        todo = records
+        delivered = 0
+        dead: dict[int, str] = {}
+        while todo:
+            batch = Batch(todo, self.log_id, closed.reason, attempt)
+            try:
+                outcomes = self.sink.write(batch)
+                failed = self._check_outcomes(batch, outcomes)
+            except Exception as ex:
+                if self._is_permanent(ex) or self._out_of_attempts(attempt):
+                    dead.update(self._dead_letter(todo, ex, attempt))
+                    break
+                if not self._backoff(attempt, ex):
+                    return  # shutdown deadline: the batch stays in the log
+                attempt += 1
+                continue
+            delivered += len(todo) - len(failed)
+            retry: list[Record] = []
+            for rec, ex in failed:
+                if isinstance(ex, SinkError) and ex.retryable and not self._out_of_attempts(attempt):
+                    retry.append(rec)
+                else:
+                    dead.update(self._dead_letter([rec], ex, attempt))
+            if retry and not self._backoff(attempt, failed[0][1]):
+                return
+            todo = retry
+            attempt += 1
+        self._complete(first, last, delivered, len(dead), dead)
+
+    def _check_outcomes(self, batch: Batch, outcomes: Any) -> list[tuple[Record, BaseException]]:
+        if outcomes is None:
+            return []
+        try:
+            outcomes = list(outcomes)
+        except TypeError:
+            raise TypeError(f"sink.write returned {type(outcomes).__name__}; expected None "
+                            "or a list of per-item outcomes") from None
+        if len(outcomes) != len(batch):
+            raise TypeError(f"sink.write returned {len(outcomes)} outcomes for a batch of "
+                            f"{len(batch)} records")
+        failed = []
+        for rec, out in zip(batch, outcomes, strict=True):
+            if out is None:
+                continue
+            if not isinstance(out, BaseException):
+                raise TypeError(f"sink outcome for seq {rec.seq} is {type(out).__name__}; "
+                                "expected None or an exception")
+            failed.append((rec, out))
+        return failed
+
+    def _is_permanent(self, ex: BaseException) -> bool:
+        if isinstance(ex, SinkError):
+            return not ex.retryable
+        return isinstance(ex, self.opts.permanent_errors) if self.opts.permanent_errors else False
+
+    def _out_of_attempts(self, attempt: int) -> bool:
+        return self.opts.retry_limit is not None and attempt >= self.opts.retry_limit
+
+    def _backoff(self, attempt: int, ex: BaseException) -> bool:
+        """Sleep before the next attempt; False if shutdown wants us to give up."""
+        with self._cv:
+            self.retries += 1
+            self.last_error = f"{type(ex).__name__}: {ex}"
+        cap = min(self.opts.retry_max_delay, self.opts.retry_initial_delay * (2 ** (attempt - 1)))
+        delay = random.uniform(0, cap)
+        log.warning("walbatch sink failed (attempt %d), retrying in %.2fs: %s", attempt, delay, ex)
+        if self._stop.is_set() and self._deadline is not None:
+            if time.monotonic() + delay >= self._deadline:
+                self._abandoned = True
+                return False
+        if self._stop.wait(delay):
+            # close() was called while we slept: keep trying until its deadline.
+            if self._deadline is None or time.monotonic() >= self._deadline:
+                self._abandoned = True
+                return False
+        return True
+
+    def _dead_letter(self, records: list[Record], ex: BaseException,
+                     attempts: int) -> dict[int, str]:
+        text = f"{type(ex).__name__}: {ex}"
+        attempt = 1
+        while True:
+            try:
+                self.dlq.add(self.log_id, [(r.seq, r.item) for r in records], ex, attempts)
+                break
+            except Exception as store_error:  # e.g. a full disk: retry, never skip
+                if not self._backoff(attempt, store_error):
+                    raise _Abandoned() from store_error
+                attempt += 1
+        log.error("walbatch dead-lettered %d item(s) (seq %d..%d): %s",
+                  len(records), records[0].seq, records[-1].seq, text)
+        return {r.seq: text for r in records}
+
+    def _complete(self, first: int, last: int, delivered: int, dead_n: int,
+                  dead: dict[int, str]) -> None:
+        with self._cv:
+            self._completed[first] = (last, delivered, dead_n)
+            if len(self.dead_seqs) < _MAX_REMEMBERED_DEAD:
+                self.dead_seqs.update(dead)
+            self.delivered_above += delivered
+            self.dead_above += dead_n
+            while self.done_through + 1 in self._completed:
+                end, d, x = self._completed.pop(self.done_through + 1)
+                self.done_through = end
+                self.delivered_total += d
+                self.dead_total += x
+                self.delivered_above -= d
+                self.dead_above -= x
+            self._cv.notify_all()
+
+    # --------------------------------------------------------- checkpoint
+
+    def _write_checkpoint(self, force: bool = False) -> None:
+        with self._cv:
+            if self.done_through <= self.persisted.seq:
+                return
+            now = time.monotonic()
+            if not (force or self._flush_waiters or self._stop.is_set()
+                    or now - self._last_cp_write >= self.opts.checkpoint_interval):
+                return
+            cp = Checkpoint(self.log.log_id, self.done_through, self.delivered_total,
+                            self.dead_total)
+        segments = len(self.log.segments())
+        self.log.commit_checkpoint(cp)
+        with self._cv:
+            self.persisted = cp
+            self._last_cp_write = time.monotonic()
+            self._cv.notify_all()
+        if len(self.log.segments()) < segments:
+            self.on_space()
+
+    # ---------------------------------------------------------- for callers
+
+    def wait_seq(self, seq: int, timeout: float | None) -> None:
+        """Block until ``seq`` is delivered; raise DeadLettered or TimeoutError."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while not self._is_complete(seq):
+                if self.fatal is not None:
+                    raise self.fatal
+                if self.exited.is_set():
+                    from .errors import Closed
+
+                    raise Closed(f"the batcher closed before seq {seq} was delivered; "
+                                 "it stays in the log for the next open")
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"seq {seq} not delivered within {timeout}s"
+                                       + (f"; last sink error: {self.last_error}"
+                                          if self.last_error else ""))
+                self._cv.wait(left if left is None else min(left, 0.5))
+            err = self.dead_seqs.get(seq)
+        if err is not None:
+            raise DeadLettered(seq, err)
+
+    def _is_complete(self, seq: int) -> bool:
+        if seq <= self.done_through:
+            return True
+        return any(first <= seq <= last for first, (last, _, _) in self._completed.items())
+
+    def flush(self, target: int, timeout: float | None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._flush_target = max(self._flush_target, target)
+            self._flush_waiters += 1
+            self._cv.notify_all()
+            try:
+                while self.persisted.seq < target:
+                    if self.fatal is not None:
+                        raise self.fatal
+                    if self.exited.is_set():
+                        from .errors import Closed
+
+                        raise Closed("the batcher is closed")
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(
+                            f"flush: {target - self.done_through} item(s) not delivered "
+                            f"within {timeout}s"
+                            + (f"; last sink error: {self.last_error}" if self.last_error else ""))
+                    self._cv.wait(0.5 if left is None else min(left, 0.5))
+            finally:
+                self._flush_waiters -= 1
+
+    def stop(self, deadline: float) -> None:
+        with self._cv:
+            self._deadline = deadline
+            self._stop.set()
+            self._cv.notify_all()

@@ -1,0 +1,610 @@
+"""The segment log: recovery on open, append, sync, roll, truncate_front, read.
+
+Ownership: one ``Log`` per directory per process, enforced by an flock on
+``<dir>/LOCK``. Writers (``append``/``sync``) must be serialized by the caller
+(the group committer does it); ``truncate_front``, ``commit_checkpoint`` and
+readers may run on other threads: the segment list is guarded by ``_lock``.
+
+Invariants:
+- ``next_seq`` never goes back below anything that could have been delivered:
+  it is at least ``checkpoint.seq + 1`` and above every durable record.
+- A reader only sees bytes up to the last successful sync of a segment.
+- A segment is deleted only after a durable checkpoint covers all of it, and the
+  directory is fsync'd after every create and unlink.
+- After a failed fsync the log is failed (``LogFailed``) until reopened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .errors import CorruptLog, LogFailed, LogLocked, LogWriteError
+from .fileio import FileHandle, FileSystem, OsFileSystem
+from .framing import (
+    BAD,
+    FRAME_HEADER_SIZE,
+    HEADER_SIZE,
+    Frame,
+    encode_frame_header,
+    encode_header,
+    find_next_frame,
+    parse_frame,
+)
+from .segment import parse_segment_name, scan_segment, segment_name
+
+log = logging.getLogger("walbatch")
+
+SEGMENTS_DIR = "segments"
+CHECKPOINT_FILE = "checkpoint"
+LOCK_FILE = "LOCK"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_REPORT = "report.jsonl"
+
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class SegmentInfo:
+    first_seq: int
+    """The seq in the file name: the first seq the segment was created to hold."""
+    path: str
+    size: int
+    """Durable size: bytes up to the last successful sync."""
+    last_seq: int
+    """Last durable seq in the segment (``first_seq - 1`` while it is empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LostRange:
+    """Seqs given up to corruption by quarantine; recorded in the report."""
+
+    first: int
+    last: int
+    path: str
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """Frame data handed to the flusher; ``payload`` None means the seqs were lost."""
+
+    first_seq: int
+    count: int
+    payload: bytes | None
+    skip: int = 0
+    """How many leading items were already delivered (checkpoint inside a frame)."""
+
+
+class Log:
+    """An open segment log. Use ``Log.open()``."""
+
+    def __init__(
+        self,
+        directory: str,
+        fs: FileSystem,
+        lock: object,
+        checkpoint: Checkpoint,
+        segments: list[SegmentInfo],
+        next_seq: int,
+        segment_bytes: int,
+        lost: list[LostRange],
+        truncated: list[str],
+    ) -> None:
+        self.directory = directory
+        self.fs = fs
+        self._filelock = lock
+        self.checkpoint = checkpoint
+        self.log_id: uuid.UUID = checkpoint.log_id
+        self.segment_bytes = segment_bytes
+        self.next_seq = next_seq
+        self.synced_seq = next_seq - 1
+        self.lost = lost
+        """Seq ranges quarantined at open (above the checkpoint)."""
+        self.recovery_notes = truncated
+        """What open did to reach a consistent state (torn tails trimmed, ...)."""
+        self.fsyncs = 0
+        self._segments = segments
+        self.total_bytes = sum(s.size for s in segments)
+        """Bytes in all segments, including unsynced ones (for the quota)."""
+        self._lock = threading.Lock()
+        self._fh: FileHandle | None = None
+        self._active_size = 0
+        self._failed: BaseException | None = None
+        self._closed = False
+        self.segdir = os.path.join(directory, SEGMENTS_DIR)
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        *,
+        fs: FileSystem | None = None,
+        segment_bytes: int = 64 << 20,
+        on_corruption: str = "raise",
+    ) -> Log:
+        """Open (creating if needed) the log in ``directory`` and recover it.
+
+        Recovery trims a torn tail (an unacknowledged, partly written last
+        frame), deletes segments a durable checkpoint already covers and checks
+        every remaining frame. Damage anywhere else raises ``CorruptLog``, or
+        with ``on_corruption="quarantine"`` is copied to ``<dir>/quarantine/``,
+        reported in ``quarantine/report.jsonl`` and listed in ``Log.lost``.
+        """
+        if on_corruption not in ("raise", "quarantine"):
+            raise ValueError(f"on_corruption must be 'raise' or 'quarantine', not {on_corruption!r}")
+        fs = fs or OsFileSystem()
+        directory = os.path.abspath(directory)
+        created = not fs.exists(directory)
+        fs.makedirs(directory)
+        if created:
+            fs.fsync_dir(os.path.dirname(directory))
+        try:
+            lock = fs.lock(os.path.join(directory, LOCK_FILE))
+        except BlockingIOError:
+            raise LogLocked(
+                f"failed to lock {directory}: is another process (or another open "
+                "DurableBatcher) using this directory?"
+            ) from None
+        try:
+            return cls._recover(directory, fs, lock, segment_bytes, on_corruption)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _recover(
+        cls, directory: str, fs: FileSystem, lock: object, segment_bytes: int, on_corruption: str
+    ) -> Log:
+        segdir = os.path.join(directory, SEGMENTS_DIR)
+        if not fs.exists(segdir):
+            fs.makedirs(segdir)
+            fs.fsync_dir(directory)
+        names = sorted(
+            (first, name)
+            for name in fs.listdir(segdir)
+            if (first := parse_segment_name(name)) is not None
+        )
+        for name in fs.listdir(segdir):
+            if name.endswith(".tmp"):
+                fs.unlink(os.path.join(segdir, name))
+        cp_path = os.path.join(directory, CHECKPOINT_FILE)
+        if fs.exists(cp_path):
+            cp = read_checkpoint(fs, cp_path)
+        elif names:
+            raise CorruptLog(
+                cp_path, 0, "checkpoint file is missing but segments exist (was it deleted?)"
+            )
+        else:
+            cp = Checkpoint(uuid.uuid4())
+            write_checkpoint(fs, cp_path, cp)
+
+        notes: list[str] = []
+        quarantine = _Quarantine(fs, directory) if on_corruption == "quarantine" else None
+
+        def damage(path: str, offset: int, reason: str, seqs: tuple[int, int] | None,
+                   raw: bytes = b"") -> None:
+            if seqs is not None and seqs[1] <= cp.seq:
+                notes.append(f"{path} at {offset}: {reason} (already delivered seqs; ignored)")
+                return
+            if seqs is not None and seqs[0] <= cp.seq:
+                seqs = (cp.seq + 1, seqs[1])
+            if quarantine is None or seqs is None and not raw:
+                raise CorruptLog(path, offset, reason, seqs)
+            quarantine.record(path, offset, reason, seqs, raw)
+
+        # Segments a durable checkpoint covers entirely were due for deletion
+        # when the process stopped; finish the job.
+        removed = False
+        while len(names) > 1 and names[1][0] - 1 <= cp.seq:
+            fs.unlink(os.path.join(segdir, names[0][1]))
+            names.pop(0)
+            removed = True
+        if removed:
+            fs.fsync_dir(segdir)
+
+        segments: list[SegmentInfo] = []
+        expected = cp.seq + 1  # the next seq we must find
+        for idx, (first, name) in enumerate(names):
+            path = os.path.join(segdir, name)
+            data = fs.read_file(path)
+            scan = scan_segment(path, data)
+            is_last = idx == len(names) - 1
+            next_first = names[idx + 1][0] if not is_last else None
+            if scan.log_id is not None and scan.log_id != cp.log_id:
+                raise CorruptLog(path, 8, f"segment belongs to log {scan.log_id}, not {cp.log_id}")
+            if scan.header_error and not scan.frames and is_last and len(data) <= HEADER_SIZE:
+                # Crash while the segment was being created: nothing in it was acknowledged.
+                fs.unlink(path)
+                fs.fsync_dir(segdir)
+                notes.append(f"removed {path}: incomplete segment header ({len(data)} bytes)")
+                continue
+            if scan.header_error:
+                end = scan.frames[0].offset if scan.frames else len(data)
+                lost_to = (scan.frames[0].first_seq - 1) if scan.frames else (
+                    next_first - 1 if next_first else None)
+                seqs = (expected, lost_to) if lost_to is not None and lost_to >= expected else None
+                damage(path, 0, scan.header_error, seqs, data[:end] or b"\0")
+            last_seq = max(first, expected) - 1
+            dmg = iter(scan.damage)
+            for f in scan.frames:
+                if f.last_seq < expected:
+                    continue
+                if f.first_seq > expected:
+                    d = next((d for d in scan.damage if d.end == f.offset), None)
+                    off = d.offset if d else f.offset
+                    why = d.reason if d else f"records {expected}..{f.first_seq - 1} are missing"
+                    damage(path, off, why, (expected, f.first_seq - 1),
+                           data[d.offset:d.end] if d else b"")
+                elif f.first_seq < expected and f.first_seq > cp.seq:
+                    raise CorruptLog(path, f.offset,
+                                     f"frame repeats seqs {f.first_seq}..{f.last_seq}")
+                expected = f.last_seq + 1
+                last_seq = f.last_seq
+            del dmg
+            # Damage that sits between two frames with contiguous seqs lost no
+            # record (garbage was inserted): still corruption, still reported.
+            for d in scan.damage:
+                following = next((f for f in scan.frames if f.offset == d.end), None)
+                prev = [f for f in scan.frames if f.end <= d.offset]
+                if following is not None and prev and prev[-1].last_seq + 1 == following.first_seq:
+                    if following.first_seq > cp.seq:
+                        damage(path, d.offset, d.reason + " (no record lost)", None,
+                               data[d.offset:d.end])
+            size = len(data)
+            if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
+                if is_last:
+                    fh = fs.open_append(path)
+                    try:
+                        fh.truncate(scan.tail_at)
+                        fh.sync()
+                    finally:
+                        fh.close()
+                    notes.append(
+                        f"trimmed torn tail of {path}: {len(data) - scan.tail_at} bytes at "
+                        f"offset {scan.tail_at} ({scan.tail_reason}); nothing in it was acknowledged"
+                    )
+                    size = scan.tail_at
+                else:
+                    lost_to = next_first - 1 if next_first is not None else expected - 1
+                    seqs = (expected, lost_to) if lost_to >= expected else None
+                    damage(path, scan.tail_at, scan.tail_reason, seqs,
+                           data[scan.tail_at:] or b"\0")
+                    if seqs:
+                        expected = seqs[1] + 1
+            if not is_last and next_first is not None and next_first > expected:
+                damage(path, size, f"records {expected}..{next_first - 1} are missing",
+                       (expected, next_first - 1))
+                expected = next_first
+            segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1)))
+        if segments and segments[0].first_seq > cp.seq + 1 and not any(
+            r.first <= cp.seq + 1 for r in (quarantine.lost if quarantine else [])
+        ):
+            damage(segments[0].path, 0,
+                   f"records {cp.seq + 1}..{segments[0].first_seq - 1} are missing "
+                   "(segment deleted?)", (cp.seq + 1, segments[0].first_seq - 1))
+        next_seq = max(expected, cp.seq + 1, *(s.last_seq + 1 for s in segments))
+        for note in notes:
+            log.warning("walbatch recovery: %s", note)
+        lost = quarantine.finish() if quarantine else []
+        return cls(directory, fs, lock, cp, segments, next_seq, segment_bytes, lost, notes)
+
+    # ----------------------------------------------------------------- write
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise LogFailed(
+                f"the log in {self.directory} failed ({self._failed}) and refuses writes "
+                "until it is reopened"
+            ) from self._failed
+        if self._closed:
+            raise LogFailed(f"the log in {self.directory} is closed")
+
+    def append(self, payload: bytes | memoryview, count: int) -> int:
+        """Write one frame holding ``count`` items; return its first seq. Not durable."""
+        self._check_usable()
+        header = encode_frame_header(self.next_seq, count, payload)
+        if self._fh is None or self._active_size >= self.segment_bytes:
+            self._roll()
+        assert self._fh is not None
+        before = self._active_size
+        try:
+            self._fh.write(header, payload)
+        except OSError as ex:
+            self._undo_write(before, ex)
+        first = self.next_seq
+        self._active_size = before + len(header) + len(payload)
+        self.total_bytes += len(header) + len(payload)
+        self.next_seq += count
+        return first
+
+    def sync(self) -> None:
+        """fdatasync the active segment: every appended record becomes durable."""
+        self._check_usable()
+        if self._fh is None:
+            return
+        try:
+            self._fh.sync()
+        except OSError as ex:
+            self._fail(ex)
+            raise LogFailed(
+                f"fsync of {self._segments[-1].path} failed: {ex}; the log refuses writes "
+                "until reopened (unsynced data is in an unknown state)"
+            ) from ex
+        self.fsyncs += 1
+        with self._lock:
+            seg = self._segments[-1]
+            seg.size = self._active_size
+            seg.last_seq = self.next_seq - 1
+            self.synced_seq = self.next_seq - 1
+
+    def _undo_write(self, before: int, ex: OSError) -> None:
+        assert self._fh is not None
+        path = self._segments[-1].path
+        try:
+            self._fh.truncate(before)
+            self._fh.sync()
+        except OSError as ex2:
+            self._fail(ex2)
+            raise LogFailed(f"write to {path} failed ({ex}) and could not be undone ({ex2})") from ex
+        raise LogWriteError(
+            f"write to {path} failed: {ex}; nothing in this write was acknowledged"
+        ) from ex
+
+    def _roll(self) -> None:
+        """Seal the active segment and start a new one named by ``next_seq``."""
+        if self._fh is None and self._segments:
+            last = self._segments[-1]
+            if last.size < self.segment_bytes:
+                self._fh = self.fs.open_append(last.path)
+                self._active_size = last.size
+                return
+        path = os.path.join(self.segdir, segment_name(self.next_seq))
+        fh = self.fs.open_append(path)
+        try:
+            fh.truncate(0)
+            fh.write(encode_header(self.log_id))
+            fh.sync()
+            self.fs.fsync_dir(self.segdir)
+        except OSError as ex:
+            fh.close()
+            try:
+                self.fs.unlink(path)
+                self.fs.fsync_dir(self.segdir)
+            except OSError as ex2:
+                self._fail(ex2)
+                raise LogFailed(f"creating {path} failed ({ex}) and could not be undone") from ex
+            raise LogWriteError(f"creating segment {path} failed: {ex}") from ex
+        self.fsyncs += 2
+        old, self._fh = self._fh, fh
+        if old is not None:
+            old.close()
+        self._active_size = HEADER_SIZE
+        self.total_bytes += HEADER_SIZE
+        with self._lock:
+            self._segments.append(SegmentInfo(self.next_seq, path, HEADER_SIZE, self.next_seq - 1))
+
+    def _fail(self, ex: BaseException) -> None:
+        self._failed = ex
+        log.error("walbatch log in %s failed: %s", self.directory, ex)
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._failed
+
+    # ------------------------------------------------------------ checkpoint
+
+    def commit_checkpoint(self, cp: Checkpoint) -> None:
+        """Make ``cp`` durable, then delete the segments it covers entirely."""
+        if cp.seq < self.checkpoint.seq:
+            raise ValueError(f"checkpoint may not move back from {self.checkpoint.seq} to {cp.seq}")
+        if cp == self.checkpoint:
+            return
+        write_checkpoint(self.fs, os.path.join(self.directory, CHECKPOINT_FILE), cp)
+        self.fsyncs += 2
+        self.checkpoint = cp
+        self.truncate_front(cp.seq)
+
+    def truncate_front(self, seq: int) -> None:
+        """Delete sealed segments whose records are all <= ``seq``.
+
+        The caller must have made a checkpoint covering ``seq`` durable first.
+        """
+        with self._lock:
+            doomed = []
+            while len(self._segments) > 1 and self._segments[0].last_seq <= seq:
+                doomed.append(self._segments.pop(0))
+            self.total_bytes -= sum(s.size for s in doomed)
+        for seg in doomed:
+            self.fs.unlink(seg.path)
+        if doomed:
+            self.fs.fsync_dir(self.segdir)
+
+    # ------------------------------------------------------------------ read
+
+    def segments(self) -> list[SegmentInfo]:
+        with self._lock:
+            return [SegmentInfo(s.first_seq, s.path, s.size, s.last_seq) for s in self._segments]
+
+    @property
+    def bytes(self) -> int:
+        """Durable bytes in all segments."""
+        with self._lock:
+            return sum(s.size for s in self._segments)
+
+    def active_bytes(self) -> int:
+        """Bytes written to the active segment, synced or not (for quotas)."""
+        return self._active_size
+
+    def reader(self, from_seq: int) -> LogReader:
+        return LogReader(self, from_seq)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._filelock.release()  # type: ignore[attr-defined]
+
+
+class LogReader:
+    """Reads durable records from ``from_seq`` on, checking every checksum again.
+
+    Damage may be stepped over only where the seqs it hides are already
+    delivered (below ``from_seq``) or were given up by quarantine at open.
+    """
+
+    def __init__(self, log: Log, from_seq: int) -> None:
+        self.log = log
+        self.next_seq = from_seq
+        self._seg: SegmentInfo | None = None
+        self._fh: FileHandle | None = None
+        self._offset = 0
+        self._buf = b""
+        self._buf_at = 0
+
+    def _lost_at(self, seq: int) -> LostRange | None:
+        return next((r for r in self.log.lost if r.first <= seq <= r.last), None)
+
+    def _switch_to(self, seg: SegmentInfo) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self.log.fs.open_read(seg.path)
+        self._seg = seg
+        self._offset = HEADER_SIZE
+        self._buf = b""
+        self._buf_at = 0
+
+    def _get(self, offset: int, n: int, durable: int) -> bytes:
+        """Bytes ``[offset, offset+n)`` of the current segment, through a read buffer.
+
+        Never buffers past ``durable``: bytes beyond it may still be changing.
+        """
+        rel = offset - self._buf_at
+        if rel < 0 or rel + n > len(self._buf):
+            assert self._fh is not None
+            self._buf = self._fh.pread(min(max(n, _READ_CHUNK), durable - offset), offset)
+            self._buf_at = offset
+            rel = 0
+        return self._buf[rel : rel + n]
+
+    def read(self, max_bytes: int = _READ_CHUNK) -> list[RawFrame]:
+        """Return about ``max_bytes`` of the next durable frames; [] when caught up."""
+        out: list[RawFrame] = []
+        total = 0
+        while total < max_bytes:
+            lost = self._lost_at(self.next_seq)
+            if lost is not None:
+                out.append(RawFrame(self.next_seq, lost.last - self.next_seq + 1, None))
+                self.next_seq = lost.last + 1
+                continue
+            if self.next_seq > self.log.synced_seq:
+                break
+            segs = self.log.segments()
+            if self._seg is None or self._seg.path not in {s.path for s in segs}:
+                candidates = [s for s in segs if s.first_seq <= self.next_seq]
+                if not candidates:
+                    raise CorruptLog(self.log.segdir, 0, f"no segment holds seq {self.next_seq}")
+                self._switch_to(candidates[-1])
+            assert self._seg is not None
+            seg = next(s for s in segs if s.path == self._seg.path)
+            if self._offset >= seg.size:
+                later = [s for s in segs if s.first_seq > seg.first_seq]
+                if not later:
+                    break
+                self._switch_to(later[0])
+                continue
+            frame = self._frame_at(self._offset, seg)
+            if frame.last_seq >= self.next_seq:
+                if frame.first_seq > self.next_seq:
+                    raise CorruptLog(seg.path, frame.offset,
+                                     f"records {self.next_seq}..{frame.first_seq - 1} are missing",
+                                     (self.next_seq, frame.first_seq - 1))
+                data = self._get(frame.offset, frame.end - frame.offset, seg.size)
+                payload = data[FRAME_HEADER_SIZE:]
+                out.append(RawFrame(frame.first_seq, frame.count, payload,
+                                    self.next_seq - frame.first_seq))
+                total += len(payload)
+                self.next_seq = frame.last_seq + 1
+            self._offset = frame.end
+        return out
+
+    def _frame_at(self, offset: int, seg: SegmentInfo) -> Frame:
+        """The valid frame at ``offset`` (absolute), stepping over allowed damage."""
+        head = self._get(offset, min(FRAME_HEADER_SIZE, seg.size - offset), seg.size)
+        found: Frame | str = BAD
+        if len(head) == FRAME_HEADER_SIZE:
+            length = int.from_bytes(head[8:12], "little")
+            if offset + FRAME_HEADER_SIZE + length <= seg.size:
+                found = parse_frame(self._get(offset, FRAME_HEADER_SIZE + length, seg.size), 0)
+        if isinstance(found, Frame):
+            return Frame(offset, offset + found.end, found.first_seq, found.count)
+        rest = self._get(offset, seg.size - offset, seg.size)
+        nxt = find_next_frame(rest, 0)
+        if nxt is not None:
+            hidden = (self.next_seq, nxt.first_seq - 1)
+            lost = self._lost_at(self.next_seq)
+            if hidden[1] < hidden[0] or (lost is not None and lost.last >= hidden[1]):
+                return Frame(offset + nxt.offset, offset + nxt.end, nxt.first_seq, nxt.count)
+            raise CorruptLog(seg.path, offset, "invalid frame (bad marker, length or checksum)",
+                             hidden)
+        raise CorruptLog(seg.path, offset, "invalid frame (bad marker, length or checksum)",
+                         (self.next_seq, seg.last_seq) if seg.last_seq >= self.next_seq else None)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class _Quarantine:
+    """Moves damaged bytes aside and remembers which seqs they cost."""
+
+    def __init__(self, fs: FileSystem, directory: str) -> None:
+        self.fs = fs
+        self.dir = os.path.join(directory, QUARANTINE_DIR)
+        self.lost: list[LostRange] = []
+        self._entries: list[dict] = []
+
+    def record(self, path: str, offset: int, reason: str, seqs: tuple[int, int] | None,
+               raw: bytes) -> None:
+        if seqs is not None:
+            self.lost.append(LostRange(seqs[0], seqs[1], path, offset, reason))
+        self._entries.append({
+            "segment": os.path.basename(path), "offset": offset, "length": len(raw),
+            "reason": reason, "lost_seqs": list(seqs) if seqs else None,
+            "raw": raw,
+        })
+
+    def finish(self) -> list[LostRange]:
+        if not self._entries:
+            return self.lost
+        self.fs.makedirs(self.dir)
+        report_path = os.path.join(self.dir, QUARANTINE_REPORT)
+        known = self.fs.read_file(report_path).decode() if self.fs.exists(report_path) else ""
+        lines = []
+        for e in self._entries:
+            raw = e.pop("raw")
+            bad_name = f"{e['segment']}@{e['offset']}.bad"
+            line = json.dumps({"bytes_file": bad_name, **e}, sort_keys=True)
+            if f'"bytes_file": "{bad_name}"' in known:
+                continue
+            self.fs.write_file(os.path.join(self.dir, bad_name), raw)
+            lines.append(json.dumps({"time": time.time(), **json.loads(line)}, sort_keys=True))
+            log.error("walbatch quarantined %s at %d: %s; lost seqs %s",
+                      e["segment"], e["offset"], e["reason"], e["lost_seqs"])
+        if lines:
+            self.fs.write_file(report_path, (known + "\n".join(lines) + "\n").encode())
+            self.fs.fsync_dir(self.dir)
+        return self.lost

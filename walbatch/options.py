@@ -1,0 +1,88 @@
+"""Every tunable of a DurableBatcher, in one place, with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Options:
+    # -- batching ---------------------------------------------------------
+    max_items: int = 500
+    """A batch closes when it holds this many items (reason ``size``)."""
+    max_bytes: int = 1 << 20
+    """... or when the next item would take it past this many encoded bytes
+    (``bytes``). An item larger than this travels alone."""
+    max_delay: float = 0.2
+    """... or this many seconds after its first item arrived (``time``)."""
+    flush_concurrency: int = 1
+    """How many batches may be at the sink at once. The checkpoint still only
+    moves over a contiguous prefix of completed batches."""
+
+    # -- the log ----------------------------------------------------------
+    segment_bytes: int = 64 << 20
+    """A segment is sealed and a new one started past this size."""
+    max_log_bytes: int = 1 << 30
+    """Quota for all segments. When full, submit waits (up to ``submit_timeout``)
+    for delivery to free space, then raises LogFull. Must be at least twice
+    ``segment_bytes``: only whole, sealed segments are freed."""
+    submit_timeout: float = 30.0
+    """How long submit waits for room in a full log before raising LogFull."""
+    max_group_bytes: int = 4 << 20
+    """Cap on one group commit: concurrent submitters share a write and an
+    fsync until their items add up to this."""
+    checkpoint_interval: float = 0.1
+    """Write the checkpoint at most this often (plus on flush and close); a crash
+    redelivers at most this much to the sink, which drops the duplicates."""
+    memory_tail_bytes: int = 64 << 20
+    """Items wait for delivery in memory up to this size; past it the flusher
+    reads them back from the log instead."""
+    on_corruption: str = "raise"
+    """``raise``: damage before the tail raises CorruptLog on open.
+    ``quarantine``: move damaged bytes to ``quarantine/``, report the lost seqs
+    (as dead letters) and go on."""
+
+    # -- delivery failures ------------------------------------------------
+    retry_initial_delay: float = 0.1
+    """First retry waits up to this long (full jitter: uniform in [0, delay])."""
+    retry_max_delay: float = 30.0
+    """Cap on the backoff delay, which doubles with each attempt."""
+    retry_limit: int | None = None
+    """Attempts before a batch goes to dead letters. None (the default) retries
+    a transient error forever: the log holds the items while the sink is down."""
+    permanent_errors: tuple[type[BaseException], ...] = ()
+    """Exception types raised by the sink that retrying cannot fix; the batch
+    goes to dead letters at once. ``PermanentSinkError`` always is."""
+
+    # -- shutdown ---------------------------------------------------------
+    close_timeout: float = 30.0
+    """How long ``with DurableBatcher(...)`` waits at exit to deliver what is
+    left; the rest stays in the log for the next open."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_items", "max_bytes", "flush_concurrency", "segment_bytes",
+                    "max_log_bytes", "max_group_bytes", "memory_tail_bytes")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        for name in ("max_delay", "submit_timeout", "checkpoint_interval",
+                     "retry_initial_delay", "retry_max_delay", "close_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+        if self.max_log_bytes < 2 * self.segment_bytes:
+            raise ValueError(
+                f"max_log_bytes ({self.max_log_bytes}) must be at least twice segment_bytes "
+                f"({self.segment_bytes}): only whole sealed segments are freed"
+            )
+        if self.on_corruption not in ("raise", "quarantine"):
+            raise ValueError(
+                f"on_corruption must be 'raise' or 'quarantine', not {self.on_corruption!r}"
+            )
+        if self.retry_limit is not None and self.retry_limit < 1:
+            raise ValueError(f"retry_limit must be None or at least 1, not {self.retry_limit!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,86 @@
+"""What a sink is, and how a sink URL or callable becomes one."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
+
+from ..record import Batch
+
+Outcomes = Sequence[BaseException | None] | None
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Anything with ``write(batch)``; ``close()`` is optional.
+
+    ``write`` returns None when every record was taken, or one outcome per
+    record: None for taken, an exception for that record's failure. Raising
+    fails the whole batch (retried unless the error is permanent).
+    """
+
+    def write(self, batch: Batch) -> Outcomes: ...
+
+
+class FunctionSink:
+    """Adapts a plain callable ``fn(batch)`` to the Sink protocol."""
+
+    def __init__(self, fn: Callable[[Batch], Outcomes]) -> None:
+        self.fn = fn
+
+    def write(self, batch: Batch) -> Outcomes:
+        return self.fn(batch)
+
+    def __repr__(self) -> str:
+        return f"FunctionSink({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def _query(url: str) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def _path_of(url: str) -> str:
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
+    parts = urlsplit(url)
+    path = parts.netloc + parts.path
+    if not path:
+        raise ValueError(f"sink URL {url!r} has no path")
+    return path[1:] if path.startswith("/") else path
+
+
+def resolve_sink(spec: Any) -> Any:
+    """A sink object from a URL string, a callable, or an object with ``write``."""
+    if isinstance(spec, str):
+        return sink_from_url(spec)
+    if hasattr(spec, "write") and callable(spec.write):
+        return spec
+    if callable(spec):
+        return FunctionSink(spec)
+    raise TypeError(
+        f"sink must be a URL string, a callable taking a batch, or an object with "
+        f"write(batch); got {type(spec).__name__}"
+    )
+
+
+def sink_from_url(url: str) -> Any:
+    """Build a built-in sink from its URL (see docs/sinks.md)."""
+    scheme = urlsplit(url).scheme
+    q = _query(url)
+    if scheme == "sqlite":
+        from .sqlite import SQLiteSink
+
+        return SQLiteSink(_path_of(url), table=q.get("table", "items"))
+    if scheme == "file":
+        from .file import FileSink
+
+        return FileSink(_path_of(url))
+    if ":" in url and "/" not in url.split(":", 1)[0] and scheme not in ("http", "https"):
+        module, _, attr = url.partition(":")
+        if module and attr and all(p.isidentifier() for p in module.split(".")):
+            fn = getattr(importlib.import_module(module), attr)
+            return resolve_sink(fn)
+    raise ValueError(
+        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///PATH.jsonl or module:function"
+    )
