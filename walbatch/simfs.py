@@ -1,0 +1,246 @@
+"""An in-memory file system that simulates power loss, for tests.
+
+``SimFileSystem`` implements the ``walbatch.fileio.FileSystem`` seam. It keeps,
+for every file, what is durable (as of its last ``sync``) apart from what was
+written since, and for every directory which names are durable (as of its
+last ``fsync_dir``). ``crash()`` then does what a power loss may do:
+
+- every file goes back to its durable content, optionally keeping a torn
+  prefix of the unsynced bytes (as written, or as garbage);
+- names created, renamed or unlinked since their directory's last fsync are
+  undone;
+- every handle and lock of the old "process" becomes dead: any use raises EIO,
+  so threads of an abandoned batcher stop instead of writing on.
+
+Directories themselves are modelled as always durable. Faults can be injected
+(``fail(op, errno, times)``) and ``skip_fsync=True`` makes a deliberately broken
+file system whose fsync does nothing, to prove a test can catch lost data.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Inode:
+    data: bytearray = field(default_factory=bytearray)
+    durable: bytes = b""
+
+
+class _Dead(OSError):
+    def __init__(self) -> None:
+        super().__init__(errno_mod.EIO, "simulated crash: this handle belongs to a dead process")
+
+
+class _Handle:
+    def __init__(self, fs: SimFileSystem, inode: _Inode, path: str) -> None:
+        self.fs = fs
+        self.inode = inode
+        self.path = path
+        self.gen = fs.generation
+        self.closed = False
+
+    def _check(self, op: str) -> None:
+        if self.gen != self.fs.generation:
+            raise _Dead()
+        if self.closed:
+            raise ValueError(f"I/O on closed handle {self.path}")
+        self.fs._maybe_fail(op, self.path)
+
+    def write(self, *bufs: bytes | memoryview) -> None:
+        with self.fs._mu:
+            self._check("write")
+            for b in bufs:
+                self.inode.data += bytes(b)
+
+    def sync(self) -> None:
+        with self.fs._mu:
+            self._check("sync")
+            if not self.fs.skip_fsync:
+                self.inode.durable = bytes(self.inode.data)
+            self.fs.syncs += 1
+
+    def truncate(self, size: int) -> None:
+        with self.fs._mu:
+            self._check("truncate")
+            del self.inode.data[size:]
+
+    def size(self) -> int:
+        with self.fs._mu:
+            self._check("size")
+            return len(self.inode.data)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        with self.fs._mu:
+            self._check("read")
+            return bytes(self.inode.data[offset : offset + size])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Lock:
+    def __init__(self, fs: SimFileSystem, path: str) -> None:
+        self.fs, self.path, self.gen = fs, path, fs.generation
+
+    def release(self) -> None:
+        with self.fs._mu:
+            if self.gen == self.fs.generation:
+                self.fs._locks.discard(self.path)
+
+
+class SimFileSystem:
+    def __init__(self, *, skip_fsync: bool = False) -> None:
+        self._mu = threading.RLock()
+        self.names: dict[str, _Inode] = {}
+        self.durable_names: dict[str, _Inode] = {}
+        self.dirs: set[str] = {"/"}
+        self.generation = 0
+        self.skip_fsync = skip_fsync
+        self.syncs = 0
+        self.crashes = 0
+        self._locks: set[str] = set()
+        self._faults: list[tuple[str, int, str]] = []
+
+    # ---------------------------------------------------------------- faults
+
+    def fail(self, op: str, err: int = errno_mod.EIO, times: int = 1, path_contains: str = "") -> None:
+        """Make the next ``times`` calls of ``op`` (write, sync, truncate, read, create,
+        rename, unlink, fsync_dir, write_file) on a matching path fail with ``err``."""
+        with self._mu:
+            self._faults.extend([(op, err, path_contains)] * times)
+
+    def _maybe_fail(self, op: str, path: str) -> None:
+        for i, (fop, err, part) in enumerate(self._faults):
+            if fop == op and part in path:
+                del self._faults[i]
+                raise OSError(err, f"simulated {os.strerror(err)} on {op}", path)
+
+    # ------------------------------------------------------------ the seam
+
+    def open_append(self, path: str) -> _Handle:
+        with self._mu:
+            inode = self.names.get(path)
+            if inode is None:
+                self._need_dir(path)
+                self._maybe_fail("create", path)
+                inode = self.names[path] = _Inode()
+            return _Handle(self, inode, path)
+
+    def open_read(self, path: str) -> _Handle:
+        with self._mu:
+            inode = self.names.get(path)
+            if inode is None:
+                raise FileNotFoundError(errno_mod.ENOENT, "No such file", path)
+            return _Handle(self, inode, path)
+
+    def read_file(self, path: str) -> bytes:
+        with self._mu:
+            inode = self.names.get(path)
+            if inode is None:
+                raise FileNotFoundError(errno_mod.ENOENT, "No such file", path)
+            self._maybe_fail("read", path)
+            return bytes(inode.data)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        with self._mu:
+            self._need_dir(path)
+            self._maybe_fail("write_file", path)
+            inode = self.names.get(path)
+            if inode is None:
+                inode = self.names[path] = _Inode()
+            inode.data = bytearray(data)
+            if not self.skip_fsync:
+                inode.durable = bytes(data)
+
+    def exists(self, path: str) -> bool:
+        with self._mu:
+            return path in self.names or path.rstrip("/") in self.dirs
+
+    def listdir(self, path: str) -> list[str]:
+        with self._mu:
+            path = path.rstrip("/")
+            if path not in self.dirs:
+                raise FileNotFoundError(errno_mod.ENOENT, "No such directory", path)
+            names = {os.path.basename(p) for p in self.names if os.path.dirname(p) == path}
+            names |= {os.path.basename(d) for d in self.dirs if os.path.dirname(d) == path and d != path}
+            return sorted(names)
+
+    def makedirs(self, path: str) -> None:
+        with self._mu:
+            path = path.rstrip("/") or "/"
+            while path not in self.dirs:
+                self.dirs.add(path)
+                path = os.path.dirname(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        with self._mu:
+            self._maybe_fail("rename", src)
+            if src not in self.names:
+                raise FileNotFoundError(errno_mod.ENOENT, "No such file", src)
+            self.names[dst] = self.names.pop(src)
+
+    def unlink(self, path: str) -> None:
+        with self._mu:
+            self._maybe_fail("unlink", path)
+            if path not in self.names:
+                raise FileNotFoundError(errno_mod.ENOENT, "No such file", path)
+            del self.names[path]
+
+    def fsync_dir(self, path: str) -> None:
+        with self._mu:
+            self._maybe_fail("fsync_dir", path)
+            path = path.rstrip("/") or "/"
+            if self.skip_fsync:
+                return
+            for p in [p for p in self.durable_names if os.path.dirname(p) == path]:
+                del self.durable_names[p]
+            for p, inode in self.names.items():
+                if os.path.dirname(p) == path:
+                    self.durable_names[p] = inode
+
+    def lock(self, path: str) -> _Lock:
+        with self._mu:
+            if path in self._locks:
+                raise BlockingIOError(errno_mod.EWOULDBLOCK, "locked", path)
+            self._locks.add(path)
+            return _Lock(self, path)
+
+    def _need_dir(self, path: str) -> None:
+        if os.path.dirname(path) not in self.dirs:
+            raise FileNotFoundError(errno_mod.ENOENT, "No such directory", os.path.dirname(path))
+
+    # ---------------------------------------------------------------- crash
+
+    def crash(self, rng: random.Random | None = None, torn: str = "none") -> None:
+        """Simulate a power loss now.
+
+        ``torn``: what happens to unsynced bytes appended to a file: "none"
+        (dropped), "prefix" (a random prefix survives), "garbage" (a random
+        prefix survives with its bytes scrambled), "random" (one of these).
+        """
+        rng = rng or random.Random()
+        with self._mu:
+            self.generation += 1
+            self.crashes += 1
+            self._locks.clear()
+            self._faults.clear()
+            survivors: dict[str, _Inode] = {}
+            for p, inode in self.durable_names.items():
+                mode = torn if torn != "random" else rng.choice(["none", "prefix", "garbage"])
+                data = bytearray(inode.durable)
+                current = bytes(inode.data)
+                if mode != "none" and current.startswith(inode.durable) and len(current) > len(data):
+                    extra = current[len(data) : len(data) + rng.randint(0, len(current) - len(data))]
+                    if mode == "garbage" and extra:
+                        extra = bytes(rng.getrandbits(8) for _ in extra)
+                    data += extra
+                survivors[p] = _Inode(data, bytes(data))
+            # Inodes renamed in place share identity: rebuild both maps from survivors.
+            self.names = dict(survivors)
+            self.durable_names = dict(survivors)
