@@ -26,7 +26,7 @@ from .dlq import DeadLetterStore
 from .errors import Closed, LogFull
 from .fileio import FileSystem
 from .flusher import Flusher
-from .framing import FRAME_HEADER_SIZE, HEADER_SIZE
+from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
 from .log import Log
 from .options import Options
 from .sinks.base import resolve_sink
@@ -56,6 +56,13 @@ def _encode_many(items: Iterable[Any]) -> tuple[bytes, int]:
                 f"msgpack-serialisable; nothing was written: {ex}"
             ) from None
     return packer.bytes(), n
+
+
+def _check_frame_size(nbytes: int) -> None:
+    # Checked before joining a commit group: one oversized submit must not fail the others.
+    if nbytes > MAX_FRAME_PAYLOAD:
+        raise ValueError(f"{nbytes} bytes in one submit exceed the limit of {MAX_FRAME_PAYLOAD} "
+                         "bytes; nothing was written")
 
 
 class Receipt:
@@ -219,6 +226,7 @@ class DurableBatcher:
         close(), LogFailed/LogWriteError when the disk fails.
         """
         data = _encode(item)
+        _check_frame_size(len(data))
         self._wait_for_room(len(data))
         return Receipt(self._committer.commit(data, 1), self._flusher)
 
@@ -230,6 +238,7 @@ class DurableBatcher:
         payload, count = _encode_many(items)
         if count == 0:
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+        _check_frame_size(len(payload))
         self._wait_for_room(len(payload))
         return Receipts(self._committer.commit(payload, count), count, self._flusher)
 
@@ -245,6 +254,7 @@ class DurableBatcher:
         cancelled the item may still have been acknowledged.
         """
         data = _encode(item)
+        _check_frame_size(len(data))
         if self._closing:
             raise Closed("the batcher is closed; the item was not written")
         loop = asyncio.get_running_loop()
@@ -264,6 +274,7 @@ class DurableBatcher:
         payload, count = _encode_many(items)
         if count == 0:
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+        _check_frame_size(len(payload))
         loop = asyncio.get_running_loop()
         first = await loop.run_in_executor(self._aio_executor(), self._commit_payload,
                                            payload, count)

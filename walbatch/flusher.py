@@ -342,15 +342,15 @@ class Flusher:
         cap = min(self.opts.retry_max_delay, self.opts.retry_initial_delay * (2 ** (attempt - 1)))
         delay = random.uniform(0, cap)
         log.warning("walbatch sink failed (attempt %d), retrying in %.2fs: %s", attempt, delay, ex)
-        if self._stop.is_set() and self._deadline is not None:
-            if time.monotonic() + delay >= self._deadline:
+        wake_at = time.monotonic() + delay
+        if not self._stop.is_set():
+            self._stop.wait(delay)  # close() cuts the sleep short
+        if self._stop.is_set():
+            # Closing: retry only while the next attempt can start before the deadline.
+            if self._deadline is None or wake_at >= self._deadline:
                 self._abandoned = True
                 return False
-        if self._stop.wait(delay):
-            # close() was called while we slept: keep trying until its deadline.
-            if self._deadline is None or time.monotonic() >= self._deadline:
-                self._abandoned = True
-                return False
+            time.sleep(max(0.0, wake_at - time.monotonic()))
         return True
 
     def _dead_letter(self, records: list[Record], ex: BaseException,

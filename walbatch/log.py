@@ -323,7 +323,8 @@ class Log:
             self._undo_write(before, ex)
         first = self.next_seq
         self._active_size = before + len(header) + len(payload)
-        self.total_bytes += len(header) + len(payload)
+        with self._lock:  # truncate_front updates it from the flusher thread
+            self.total_bytes += len(header) + len(payload)
         self.next_seq += count
         return first
 
@@ -389,8 +390,8 @@ class Log:
         if old is not None:
             old.close()
         self._active_size = HEADER_SIZE
-        self.total_bytes += HEADER_SIZE
         with self._lock:
+            self.total_bytes += HEADER_SIZE
             self._segments.append(SegmentInfo(self.next_seq, path, HEADER_SIZE, self.next_seq - 1))
 
     def _fail(self, ex: BaseException) -> None:
@@ -405,6 +406,9 @@ class Log:
 
     def commit_checkpoint(self, cp: Checkpoint) -> None:
         """Make ``cp`` durable, then delete the segments it covers entirely."""
+        if self._closed:
+            # A flusher outliving close() must not touch a directory it no longer locks.
+            raise LogFailed(f"the log in {self.directory} is closed")
         if cp.seq < self.checkpoint.seq:
             raise ValueError(f"checkpoint may not move back from {self.checkpoint.seq} to {cp.seq}")
         if cp == self.checkpoint:
