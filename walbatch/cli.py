@@ -6,6 +6,11 @@ a traceback; exit codes are documented in docs/cli.md.
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import dataclasses
+import inspect
+import logging
 import os
 import shutil
 import signal
@@ -14,20 +19,194 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
+from typing import Any
 
 import click
 
 from . import __version__
 from .durable import DurableBatcher
 from .errors import WalbatchError
+from .options import Options
 
 _DEMO_MARKER = ".walbatch-demo"
+
+
+def protocol_default_frame() -> int:
+    from .protocol import DEFAULT_MAX_FRAME
+
+    return DEFAULT_MAX_FRAME
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="walbatch")
 def cli() -> None:
-    """walbatch: fsync each item to a log, batch it to a sink, never lose it."""
+    """walbatch: fsync each item to a log, batch it to a sink, never lose it.
+
+    Exit codes: 0 success, 1 an error (one line on stderr), 2 bad usage,
+    3 the log is corrupt (verify found damage).
+    """
+
+
+# ----------------------------------------------------------------- options
+
+class Size(click.ParamType):
+    """A byte count: 1048576, 512KiB, 64MiB, 1GiB (also k/M/G, KB/MB/GB as powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+              "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace("_", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):].strip()
+        try:
+            return int(float(digits) * self._UNITS[unit])
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (examples: 4096, 512KiB, 64MiB, 1GiB)", param, ctx)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (the style of options.py)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for i, node in enumerate(body[:-1]):
+        nxt = body[i + 1]
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(
+                nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+_SIZE_OPTIONS = {"max_bytes", "segment_bytes", "max_log_bytes", "max_group_bytes", "memory_tail_bytes"}
+
+
+def batcher_options(f):  # type: ignore[no-untyped-def]
+    """Add one flag per Options field (env WALBATCH_<NAME>, config key <name>)."""
+    docs = _field_docs(Options)
+    for fld in reversed(dataclasses.fields(Options)):
+        if fld.name == "permanent_errors":
+            continue
+        if fld.name in _SIZE_OPTIONS:
+            ptype: Any = Size()
+        elif fld.name == "on_corruption":
+            ptype = click.Choice(["raise", "quarantine"])
+        elif fld.name == "retry_limit" or isinstance(fld.default, int):
+            ptype = click.IntRange(min=0)
+        else:
+            ptype = click.FloatRange(min=0)
+        f = click.option(
+            "--" + fld.name.replace("_", "-"), fld.name, type=ptype, default=None,
+            envvar="WALBATCH_" + fld.name.upper(), show_envvar=True,
+            help=f"{docs.get(fld.name, '')} [default: {fld.default!r}]",
+        )(f)
+    return f
+
+
+def _options_from(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Options the user set (flag, env or config); the rest keep their defaults."""
+    return {name: kwargs[name] for name in Options.names() if kwargs.get(name) is not None}
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """Read a TOML config into click's default_map: flag > env > file > default."""
+    if not path:
+        return path
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as ex:
+        raise click.BadParameter(f"cannot read {path}: {ex.strerror}") from None
+    except tomllib.TOMLDecodeError as ex:
+        raise click.BadParameter(f"{path} is not valid TOML: {ex}") from None
+    data = data.get("walbatch", data)
+    known = {p.name for p in ctx.command.params if p.name}
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known or name == "config":
+            raise click.BadParameter(f"{path}: unknown setting {key!r}")
+        values[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+def _fail(ex: BaseException) -> click.ClickException:
+    return click.ClickException(str(ex))
+
+
+# ------------------------------------------------------------------- serve
+
+@cli.command()
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_config, envvar="WALBATCH_CONFIG",
+              help="TOML file of settings (same names as the flags, with _ or -).")
+@click.option("--data-dir", default="walbatch-data", show_default=True, envvar="WALBATCH_DATA_DIR",
+              type=click.Path(file_okay=False), help="The log directory.")
+@click.option("--socket", "socket_path", default=None, envvar="WALBATCH_SOCKET",
+              help="Unix socket to listen on [default: DATA_DIR/walbatch.sock].")
+@click.option("--sink", default=None, envvar="WALBATCH_SINK",
+              help="Sink URL: sqlite:///PATH, file:///PATH, module:function "
+                   "[default: sqlite:///DATA_DIR/walbatch.db].")
+@click.option("--socket-mode", default="0600", show_default=True, envvar="WALBATCH_SOCKET_MODE",
+              help="Permissions of the socket file (octal).")
+@click.option("--socket-group", default=None, envvar="WALBATCH_SOCKET_GROUP",
+              help="Group owning the socket file (with --socket-mode 0660, its members may connect).")
+@click.option("--allow-uid", type=int, multiple=True, envvar="WALBATCH_ALLOW_UID",
+              help="Only serve peers with this uid (SO_PEERCRED); repeatable.")
+@click.option("--allow-gid", type=int, multiple=True, envvar="WALBATCH_ALLOW_GID",
+              help="Only serve peers with this gid; repeatable.")
+@click.option("--max-frame-bytes", type=Size(), default=protocol_default_frame(),
+              show_default=True, envvar="WALBATCH_MAX_FRAME_BYTES",
+              help="Largest request frame accepted; a larger one gets too_large and is disconnected.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              envvar="WALBATCH_SHUTDOWN_TIMEOUT",
+              help="On SIGTERM/SIGINT, deliver for at most this long, then exit leaving the rest in the log.")
+@click.option("--log-level", default="info", show_default=True, envvar="WALBATCH_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@batcher_options
+def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode: str,
+          socket_group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
+          max_frame_bytes: int, shutdown_timeout: float, log_level: str, **kwargs: Any) -> None:
+    """Run the daemon: take items over a Unix socket, fsync, batch them to the sink.
+
+    Every setting is a flag, a WALBATCH_* environment variable or a key in the
+    --config TOML file (flag > env > file > default). SIGTERM or SIGINT stops
+    it gracefully. docs/protocol.md describes the socket protocol.
+
+    \b
+    Example:
+        walbatch serve --data-dir /var/lib/walbatch --sink "sqlite:///events.db?table=events"
+    """
+    from .server import Server, ServerOptions
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        mode = int(socket_mode, 8)
+    except ValueError:
+        raise click.BadParameter(f"{socket_mode!r} is not an octal mode",
+                                 param_hint="--socket-mode") from None
+    opts = _options_from(kwargs)
+    os.makedirs(data_dir, exist_ok=True)
+    socket_path = socket_path or os.path.join(data_dir, "walbatch.sock")
+    sink = sink or f"sqlite:///{os.path.abspath(os.path.join(data_dir, 'walbatch.db'))}"
+    try:
+        batcher = DurableBatcher(data_dir, sink, **opts)
+    except (WalbatchError, ValueError, TypeError, ImportError, OSError) as ex:
+        raise _fail(ex) from None
+    server = Server(batcher, ServerOptions(
+        socket_path=socket_path, socket_mode=mode, socket_group=socket_group,
+        allow_uids=tuple(allow_uid), allow_gids=tuple(allow_gid), max_frame_bytes=max_frame_bytes,
+        shutdown_timeout=shutdown_timeout))
+    try:
+        asyncio.run(server.serve())
+    except (OSError, ValueError) as ex:
+        batcher.close(shutdown_timeout)
+        raise _fail(ex) from None
 
 
 @cli.command()

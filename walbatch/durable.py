@@ -255,6 +255,17 @@ class DurableBatcher:
         """
         data = _encode(item)
         _check_frame_size(len(data))
+        return await self._aio_enqueue(data, 1, False)
+
+    async def asubmit_many(self, items: Iterable[Any]) -> Receipts:
+        """``submit_many`` for asyncio: all or nothing, one frame with its group."""
+        payload, count = _encode_many(items)
+        if count == 0:
+            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+        _check_frame_size(len(payload))
+        return await self._aio_enqueue(payload, count, True)
+
+    async def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> Any:
         if self._closing:
             raise Closed("the batcher is closed; the item was not written")
         loop = asyncio.get_running_loop()
@@ -262,23 +273,11 @@ class DurableBatcher:
         if q is None:
             q = self._aio_state[loop] = _AioQueue()
         fut = loop.create_future()
-        q.payloads.append(data)
-        q.futures.append(fut)
+        q.entries.append((payload, count, fut, many))
         if not q.running:
             q.running = True
             loop.create_task(self._aio_drain(loop, q))
         return await fut
-
-    async def asubmit_many(self, items: Iterable[Any]) -> Receipts:
-        """``submit_many`` for asyncio."""
-        payload, count = _encode_many(items)
-        if count == 0:
-            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
-        _check_frame_size(len(payload))
-        loop = asyncio.get_running_loop()
-        first = await loop.run_in_executor(self._aio_executor(), self._commit_payload,
-                                           payload, count)
-        return Receipts(first, count, self._flusher)
 
     def _aio_executor(self) -> ThreadPoolExecutor:
         if self._aio_pool is None:
@@ -288,24 +287,26 @@ class DurableBatcher:
         return self._aio_pool
 
     async def _aio_drain(self, loop: asyncio.AbstractEventLoop, q: _AioQueue) -> None:
+        """Commit everything queued from this loop as one group, until the queue is empty."""
         pool = self._aio_executor()
         flusher = self._flusher
         try:
-            while q.payloads:
-                payloads, futures = q.payloads, q.futures
-                q.payloads, q.futures = [], []
-                payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+            while q.entries:
+                entries, q.entries = q.entries, []
+                payload = entries[0][0] if len(entries) == 1 else b"".join(e[0] for e in entries)
+                total = sum(e[1] for e in entries)
                 try:
-                    first = await loop.run_in_executor(pool, self._commit_payload, payload,
-                                                       len(payloads))
+                    first = await loop.run_in_executor(pool, self._commit_payload, payload, total)
                 except BaseException as ex:
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(ex)
+                    for e in entries:
+                        if not e[2].done():
+                            e[2].set_exception(ex)
                     continue
-                for seq, f in enumerate(futures, first):
-                    if not f.done():
-                        f.set_result(Receipt(seq, flusher))
+                seq = first
+                for _payload, count, fut, many in entries:
+                    if not fut.done():
+                        fut.set_result(Receipts(seq, count, flusher) if many else Receipt(seq, flusher))
+                    seq += count
         finally:
             q.running = False
 
@@ -438,9 +439,8 @@ class DurableBatcher:
 
 
 class _AioQueue:
-    __slots__ = ("payloads", "futures", "running")
+    __slots__ = ("entries", "running")
 
     def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-        self.futures: list[asyncio.Future[Receipt]] = []
+        self.entries: list[tuple[bytes, int, asyncio.Future[Any], bool]] = []
         self.running = False

@@ -1,0 +1,174 @@
+"""The daemon's wire protocol, sans I/O: bytes in, requests out; responses to bytes.
+
+docs/protocol.md is the normative text; a client in any language can be written
+from it. This module holds no sockets, threads or clocks (h11's rule), so it is
+tested by plain function calls.
+
+Frame: a 4-byte big-endian length N, then N bytes holding one msgpack map.
+
+Errors are split as h11 splits them: ``ProtocolError.fatal`` means the byte
+stream can no longer be trusted (the length prefix itself is bad), so the
+connection must be closed after the error response; a non-fatal error spoils
+one request only, and the connection carries on.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+DEFAULT_MAX_FRAME = 16 << 20
+_LEN = struct.Struct(">I")
+
+OPS = ("submit", "stats", "flush", "ping")
+
+# Stable error codes (docs/protocol.md). Never rename one: clients match on them.
+BAD_FRAME = "bad_frame"  # the frame's bytes are not one msgpack value
+TOO_LARGE = "too_large"  # the length prefix exceeds the daemon's limit (fatal)
+BAD_REQUEST = "bad_request"  # not a map, missing/invalid id, op or fields
+UNKNOWN_OP = "unknown_op"
+LOG_FULL = "log_full"
+SHUTTING_DOWN = "shutting_down"
+WRITE_FAILED = "write_failed"  # the disk refused the write; nothing acknowledged
+TIMEOUT = "timeout"
+FORBIDDEN = "forbidden"  # the peer is not on the allow-list (fatal)
+CORRUPT_LOG = "corrupt_log"
+INTERNAL = "internal"
+
+ERROR_CODES = (BAD_FRAME, TOO_LARGE, BAD_REQUEST, UNKNOWN_OP, LOG_FULL, SHUTTING_DOWN,
+               WRITE_FAILED, TIMEOUT, FORBIDDEN, CORRUPT_LOG, INTERNAL)
+
+
+class ProtocolError(Exception):
+    """A request (or the stream) is malformed. ``request_id`` is echoed when known."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False,
+                 request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+        self.request_id = request_id
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One frame: length prefix + msgpack map."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+@dataclass
+class FrameDecoder:
+    """Accumulates bytes; yields each complete frame's decoded value.
+
+    ``feed`` raises a fatal ProtocolError for a length above ``max_frame`` (or
+    zero); a frame whose body is not msgpack comes out as a ProtocolError value
+    in the returned list, so the frames after it are still served.
+    """
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[tuple[Any, int]]:
+        """Add ``data``; return ``(value, frame_size)`` for each frame now complete."""
+        self._buf += data
+        out: list[tuple[Any, int]] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n == 0 or n > self.max_frame:
+                del buf[:pos]
+                raise ProtocolError(
+                    TOO_LARGE if n else BAD_FRAME,
+                    f"frame length {n} is not within 1..{self.max_frame} bytes",
+                    fatal=True,
+                )
+            if len(buf) - pos - 4 < n:
+                break
+            body = bytes(buf[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+            try:
+                out.append((msgpack.unpackb(body, raw=False, strict_map_key=False), n))
+            except Exception as ex:  # msgpack raises several unrelated types
+                out.append((ProtocolError(BAD_FRAME, f"frame body is not valid msgpack: {ex}"), n))
+        del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held so far."""
+        return len(self._buf)
+
+
+@dataclass(frozen=True)
+class Request:
+    id: Any
+    op: str
+    items: list[Any] | None = None
+    """For submit: the items (a single ``item`` becomes a list of one)."""
+    single: bool = False
+    """For submit: the request used ``item`` rather than ``items``."""
+    timeout: float | None = None
+    """For flush: seconds to wait (None: the daemon's default)."""
+
+
+def parse_request(msg: Any) -> Request:
+    """Validate one decoded frame as a request, or raise a non-fatal ProtocolError."""
+    if isinstance(msg, ProtocolError):
+        raise msg
+    if not isinstance(msg, dict):
+        raise ProtocolError(BAD_REQUEST, f"a request must be a msgpack map, not {_kind(msg)}")
+    rid = msg.get("id")
+    if not (isinstance(rid, (int, str)) and not isinstance(rid, bool)) or (
+        isinstance(rid, str) and len(rid) > 128
+    ):
+        raise ProtocolError(BAD_REQUEST, "request 'id' must be an integer or a string of at most "
+                            f"128 characters, not {_kind(rid)}", request_id=_echo(rid))
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(BAD_REQUEST, f"request 'op' must be a string, not {_kind(op)}",
+                            request_id=rid)
+    if op not in OPS:
+        raise ProtocolError(UNKNOWN_OP, f"unknown op {op[:64]!r}; known ops: {', '.join(OPS)}",
+                            request_id=rid)
+    if op == "submit":
+        has_item, has_items = "item" in msg, "items" in msg
+        if has_item == has_items:
+            raise ProtocolError(BAD_REQUEST, "submit takes exactly one of 'item' or 'items'",
+                                request_id=rid)
+        if has_items:
+            items = msg["items"]
+            if not isinstance(items, list):
+                raise ProtocolError(BAD_REQUEST, f"'items' must be an array, not {_kind(items)}",
+                                    request_id=rid)
+            return Request(rid, op, items)
+        return Request(rid, op, [msg["item"]], single=True)
+    if op == "flush":
+        timeout = msg.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or timeout < 0):
+            raise ProtocolError(BAD_REQUEST, "flush 'timeout' must be a non-negative number",
+                                request_id=rid)
+        return Request(rid, op, timeout=None if timeout is None else float(timeout))
+    return Request(rid, op)
+
+
+def ok(request_id: Any, **fields: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, **fields}
+
+
+def error(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "code": code, "message": message}
+
+
+def _kind(v: Any) -> str:
+    return "nil" if v is None else type(v).__name__
+
+
+def _echo(rid: Any) -> Any:
+    """An invalid id is not echoed back (it may be huge or of any type)."""
+    return None

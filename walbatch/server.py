@@ -1,0 +1,360 @@
+"""The Unix-socket daemon: a thin asyncio shell over one DurableBatcher.
+
+Each connection is read by one task and answered by another, in request order
+(docs/protocol.md). Submits from all connections go through the batcher's
+asyncio group commit, so concurrent requests share fsyncs. A connection may
+have at most ``max_pending`` requests (and ``max_pending_bytes``) unanswered;
+past that the daemon stops reading from it, so a client that never reads its
+answers only stalls itself.
+
+Lifecycle (huey's shape): ``serve()`` = initialize, loop until the stop event,
+shutdown. Signal handlers only call ``request_stop``. Shutdown stops accepting,
+answers what is in flight, then closes the batcher with ``shutdown_timeout``
+(deliver what it can, leave the rest in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+from collections.abc import Awaitable
+from typing import Any
+
+from . import __version__, protocol
+from .durable import DurableBatcher
+from .errors import Closed, CorruptLog, LogFailed, LogFull, LogWriteError
+from .protocol import ProtocolError
+
+log = logging.getLogger("walbatch.server")
+
+_READ_SIZE = 1 << 16
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    socket_path: str | None = None
+    """Where to listen. Ignored when systemd passes a socket (LISTEN_FDS)."""
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    allow_uids: tuple[int, ...] = ()
+    """With allow_gids: if either is set, only these peers (SO_PEERCRED) are served."""
+    allow_gids: tuple[int, ...] = ()
+    max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME
+    max_pending: int = 1024
+    """Unanswered requests per connection before the daemon stops reading from it."""
+    max_pending_bytes: int = 64 << 20
+    shutdown_timeout: float = 30.0
+    flush_timeout: float = 30.0
+    """Default wait of a ``flush`` request that names no timeout."""
+
+
+class Server:
+    def __init__(self, batcher: DurableBatcher, opts: ServerOptions) -> None:
+        self.batcher = batcher
+        self.opts = opts
+        self._stop: asyncio.Event | None = None
+        self._stopping = False
+        self._conns: set[_Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._created_socket: str | None = None
+        self.address: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> None:
+        """Run until ``request_stop`` (or SIGTERM/SIGINT), then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        sock = self._listening_socket()
+        self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.info("walbatch serving %s on %s", self.batcher.directory, self.address)
+        sd_notify("READY=1")
+        try:
+            await self._stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            await self._shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        # Answer what is in flight, then let the batcher deliver what it can.
+        conns = list(self._conns)
+        for c in conns:
+            c.stop_reading()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.done.wait()) for c in conns],
+                               timeout=max(1.0, min(10.0, self.opts.shutdown_timeout)))
+        for c in conns:
+            c.abort()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.batcher.close, self.opts.shutdown_timeout)
+        if self._created_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._created_socket)
+
+    # --------------------------------------------------------------- socket
+
+    def _listening_socket(self) -> socket.socket:
+        passed = systemd_socket()
+        if passed is not None:
+            self.address = passed.getsockname() or "(systemd socket)"
+            return passed
+        path = self.opts.socket_path
+        if not path:
+            raise ValueError("no socket path given and no socket passed by systemd")
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a daemon that died
+            else:
+                raise FileExistsError(f"another daemon is already listening on {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # never expose the socket, even for an instant
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        if self.opts.socket_group:
+            gid = grp.getgrnam(self.opts.socket_group).gr_gid
+            os.chown(path, -1, gid)
+        os.chmod(path, self.opts.socket_mode)
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._created_socket = path
+        self.address = path
+        return sock
+
+    def _peer_allowed(self, sock: socket.socket | None) -> tuple[bool, str]:
+        if not (self.opts.allow_uids or self.opts.allow_gids):
+            return True, ""
+        if sock is None:
+            return False, "peer credentials unavailable"
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        if uid in self.opts.allow_uids or gid in self.opts.allow_gids:
+            return True, ""
+        return False, f"peer pid {pid} uid {uid} gid {gid} is not allowed"
+
+    # ----------------------------------------------------------- connections
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        allowed, why = self._peer_allowed(writer.get_extra_info("socket"))
+        if not allowed:
+            log.warning("walbatch refused a connection: %s", why)
+            with contextlib.suppress(ConnectionError):
+                writer.write(protocol.encode(protocol.error(None, protocol.FORBIDDEN, why)))
+                await writer.drain()
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer)
+        self._conns.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+
+    def start_request(self, msg: Any) -> Awaitable[dict[str, Any]]:
+        """Begin serving one decoded frame; the awaitable yields its response."""
+        try:
+            req = protocol.parse_request(msg)
+        except ProtocolError as ex:
+            return _done(protocol.error(ex.request_id, ex.code, ex.message))
+        if self._stopping:
+            return _done(protocol.error(req.id, protocol.SHUTTING_DOWN,
+                                        "the daemon is shutting down; nothing was written"))
+        if req.op == "ping":
+            return _done(protocol.ok(req.id, pong=True, version=__version__))
+        if req.op == "stats":
+            stats = dataclasses.asdict(self.batcher.stats())
+            return _done(protocol.ok(req.id, stats=stats))
+        if req.op == "submit":
+            return asyncio.ensure_future(self._submit(req))
+        return asyncio.ensure_future(self._flush(req))
+
+    async def _submit(self, req: protocol.Request) -> dict[str, Any]:
+        assert req.items is not None
+        try:
+            if req.single:
+                r = await self.batcher.asubmit(req.items[0])
+                return protocol.ok(req.id, first_seq=r.seq, count=1)
+            rs = await self.batcher.asubmit_many(req.items)
+            return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count)
+        except (TypeError, ValueError) as ex:
+            return protocol.error(req.id, protocol.BAD_REQUEST, f"{ex}")
+        except LogFull as ex:
+            return protocol.error(req.id, protocol.LOG_FULL, str(ex))
+        except Closed as ex:
+            return protocol.error(req.id, protocol.SHUTTING_DOWN, str(ex))
+        except (LogWriteError, LogFailed) as ex:
+            return protocol.error(req.id, protocol.WRITE_FAILED, str(ex))
+        except Exception as ex:
+            log.exception("walbatch: submit failed")
+            return protocol.error(req.id, protocol.INTERNAL, f"{type(ex).__name__}: {ex}")
+
+    async def _flush(self, req: protocol.Request) -> dict[str, Any]:
+        timeout = self.opts.flush_timeout if req.timeout is None else req.timeout
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.batcher.flush, timeout)
+        except TimeoutError as ex:
+            return protocol.error(req.id, protocol.TIMEOUT, str(ex))
+        except CorruptLog as ex:
+            return protocol.error(req.id, protocol.CORRUPT_LOG, str(ex))
+        except Closed as ex:
+            return protocol.error(req.id, protocol.SHUTTING_DOWN, str(ex))
+        except Exception as ex:
+            log.exception("walbatch: flush failed")
+            return protocol.error(req.id, protocol.INTERNAL, f"{type(ex).__name__}: {ex}")
+        return protocol.ok(req.id)
+
+
+class _Connection:
+    """One client: a reader task feeding an ordered queue, a sender answering in order."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.queue: asyncio.Queue[tuple[Awaitable[dict[str, Any]], int] | None] = asyncio.Queue()
+        self.pending = 0
+        self.pending_bytes = 0
+        self.room = asyncio.Condition()
+        self.done = asyncio.Event()
+        self._read_task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        sender = asyncio.ensure_future(self._send())
+        self._read_task = asyncio.ensure_future(self._read())
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._read_task
+            self.queue.put_nowait(None)
+            await sender
+        finally:
+            sender.cancel()
+            self.writer.close()
+            self.done.set()
+
+    def stop_reading(self) -> None:
+        if self._read_task is not None:
+            self._read_task.cancel()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    async def _read(self) -> None:
+        decoder = protocol.FrameDecoder(self.server.opts.max_frame_bytes)
+        opts = self.server.opts
+        while True:
+            try:
+                data = await self.reader.read(_READ_SIZE)
+            except ConnectionError:
+                return
+            if not data:
+                return  # a frame cut off by the disconnect was never acknowledged
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError as ex:  # the stream cannot be trusted any more
+                self.queue.put_nowait((_done(protocol.error(None, ex.code, ex.message)), 0))
+                return
+            for msg, size in frames:
+                def has_room(size: int = size) -> bool:
+                    return self.pending < opts.max_pending and (
+                        self.pending == 0 or self.pending_bytes + size <= opts.max_pending_bytes)
+
+                async with self.room:
+                    await self.room.wait_for(has_room)
+                    self.pending += 1
+                    self.pending_bytes += size
+                self.queue.put_nowait((self.server.start_request(msg), size))
+
+    async def _send(self) -> None:
+        writer = self.writer
+        while True:
+            entry = await self.queue.get()
+            if entry is None:
+                return
+            fut, size = entry
+            response = await fut
+            try:
+                writer.write(protocol.encode(response))
+                if self.queue.empty() or writer.transport.get_write_buffer_size() > (1 << 20):
+                    await writer.drain()
+            except (ConnectionError, RuntimeError):
+                self.stop_reading()
+                return
+            finally:
+                async with self.room:
+                    self.pending -= 1
+                    self.pending_bytes -= size
+                    self.room.notify_all()
+
+
+def _done(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state if it asked (NOTIFY_SOCKET); otherwise do nothing."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as ex:
+        log.warning("walbatch: sd_notify(%s) failed: %s", state, ex)
+
+
+def systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    if n < 1:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    sock = socket.socket(fileno=3)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValueError("the socket passed by systemd (fd 3) is not a Unix stream socket")
+    sock.setblocking(False)
+    return sock
