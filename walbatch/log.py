@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from .errors import CorruptLog, LogFailed, LogLocked, LogWriteError
-from .fileio import FileHandle, FileSystem, OsFileSystem
+from .fileio import FileHandle, FileSystem, OsFileSystem, write_atomic
 from .framing import (
     BAD,
     FRAME_HEADER_SIZE,
@@ -37,7 +37,7 @@ from .framing import (
     find_next_frame,
     parse_frame,
 )
-from .segment import parse_segment_name, scan_segment, segment_name
+from .segment import Damage, parse_segment_name, scan_segment, segment_name
 
 log = logging.getLogger("walbatch")
 
@@ -96,7 +96,9 @@ class Log:
         next_seq: int,
         segment_bytes: int,
         lost: list[LostRange],
-        truncated: list[str],
+        notes: list[str],
+        findings: list[Finding] | None = None,
+        readonly: bool = False,
     ) -> None:
         self.directory = directory
         self.fs = fs
@@ -108,8 +110,11 @@ class Log:
         self.synced_seq = next_seq - 1
         self.lost = lost
         """Seq ranges quarantined at open (above the checkpoint)."""
-        self.recovery_notes = truncated
-        """What open did to reach a consistent state (torn tails trimmed, ...)."""
+        self.recovery_notes = notes
+        """What open found and did, one line each (torn tails trimmed, ...)."""
+        self.findings = findings or []
+        """Everything recovery found: torn tails, damage, ignored damage."""
+        self.readonly = readonly
         self.fsyncs = 0
         self._segments = segments
         self.total_bytes = sum(s.size for s in segments)
@@ -131,19 +136,34 @@ class Log:
         fs: FileSystem | None = None,
         segment_bytes: int = 64 << 20,
         on_corruption: str = "raise",
+        readonly: bool = False,
     ) -> Log:
         """Open (creating if needed) the log in ``directory`` and recover it.
 
         Recovery trims a torn tail (an unacknowledged, partly written last
         frame), deletes segments a durable checkpoint already covers and checks
-        every remaining frame. Damage anywhere else raises ``CorruptLog``, or
-        with ``on_corruption="quarantine"`` is copied to ``<dir>/quarantine/``,
-        reported in ``quarantine/report.jsonl`` and listed in ``Log.lost``.
+        every remaining frame. Damage anywhere else raises ``CorruptLog``; with
+        ``on_corruption="quarantine"`` it is copied to ``<dir>/quarantine/``,
+        reported in ``quarantine/report.jsonl`` and its seqs listed in
+        ``Log.lost``; with ``"report"`` it is only listed (in ``Log.findings``).
+
+        ``readonly=True`` takes no lock and changes nothing on disk (for
+        ``walbatch verify``, ``status`` and ``dump``, which may run beside a
+        live writer); the log can then only be read.
         """
-        if on_corruption not in ("raise", "quarantine"):
-            raise ValueError(f"on_corruption must be 'raise' or 'quarantine', not {on_corruption!r}")
+        if on_corruption not in ("raise", "quarantine", "report"):
+            raise ValueError(
+                f"on_corruption must be 'raise', 'quarantine' or 'report', not {on_corruption!r}")
+        if on_corruption == "report" and not readonly:
+            raise ValueError("on_corruption='report' is only for readonly opens")
         fs = fs or OsFileSystem()
         directory = os.path.abspath(directory)
+        if readonly:
+            if not fs.exists(os.path.join(directory, CHECKPOINT_FILE)) and not fs.exists(
+                    os.path.join(directory, SEGMENTS_DIR)):
+                raise FileNotFoundError(f"{directory} is not a walbatch log directory "
+                                        "(no checkpoint and no segments)")
+            return cls._recover(directory, fs, _NoLock(), segment_bytes, on_corruption, True)
         created = not fs.exists(directory)
         fs.makedirs(directory)
         if created:
@@ -156,27 +176,28 @@ class Log:
                 "DurableBatcher) using this directory?"
             ) from None
         try:
-            return cls._recover(directory, fs, lock, segment_bytes, on_corruption)
+            return cls._recover(directory, fs, lock, segment_bytes, on_corruption, False)
         except BaseException:
-            lock.release()
+            lock.release()  # type: ignore[attr-defined]
             raise
 
     @classmethod
     def _recover(
-        cls, directory: str, fs: FileSystem, lock: object, segment_bytes: int, on_corruption: str
+        cls, directory: str, fs: FileSystem, lock: object, segment_bytes: int, on_corruption: str,
+        readonly: bool,
     ) -> Log:
         segdir = os.path.join(directory, SEGMENTS_DIR)
         if not fs.exists(segdir):
-            fs.makedirs(segdir)
-            fs.fsync_dir(directory)
+            if readonly:
+                fs = _EmptySegments(fs, segdir)  # type: ignore[assignment]
+            else:
+                fs.makedirs(segdir)
+                fs.fsync_dir(directory)
         names = sorted(
             (first, name)
             for name in fs.listdir(segdir)
             if (first := parse_segment_name(name)) is not None
         )
-        for name in fs.listdir(segdir):
-            if name.endswith(".tmp"):
-                fs.unlink(os.path.join(segdir, name))
         cp_path = os.path.join(directory, CHECKPOINT_FILE)
         if fs.exists(cp_path):
             cp = read_checkpoint(fs, cp_path)
@@ -187,29 +208,16 @@ class Log:
         else:
             cp = Checkpoint(uuid.uuid4())
             write_checkpoint(fs, cp_path, cp)
-
-        notes: list[str] = []
-        quarantine = _Quarantine(fs, directory) if on_corruption == "quarantine" else None
-
-        def damage(path: str, offset: int, reason: str, seqs: tuple[int, int] | None,
-                   raw: bytes = b"") -> None:
-            if seqs is not None and seqs[1] <= cp.seq:
-                notes.append(f"{path} at {offset}: {reason} (already delivered seqs; ignored)")
-                return
-            if seqs is not None and seqs[0] <= cp.seq:
-                seqs = (cp.seq + 1, seqs[1])
-            if quarantine is None or seqs is None and not raw:
-                raise CorruptLog(path, offset, reason, seqs)
-            quarantine.record(path, offset, reason, seqs, raw)
+        rec = _Recovery(fs, directory, cp, on_corruption, readonly)
 
         # Segments a durable checkpoint covers entirely were due for deletion
         # when the process stopped; finish the job.
-        removed = False
+        covered = []
         while len(names) > 1 and names[1][0] - 1 <= cp.seq:
-            fs.unlink(os.path.join(segdir, names[0][1]))
-            names.pop(0)
-            removed = True
-        if removed:
+            covered.append(os.path.join(segdir, names.pop(0)[1]))
+        if covered and not readonly:
+            for path in covered:
+                fs.unlink(path)
             fs.fsync_dir(segdir)
 
         segments: list[SegmentInfo] = []
@@ -224,83 +232,76 @@ class Log:
                 raise CorruptLog(path, 8, f"segment belongs to log {scan.log_id}, not {cp.log_id}")
             if scan.header_error and not scan.frames and is_last and len(data) <= HEADER_SIZE:
                 # Crash while the segment was being created: nothing in it was acknowledged.
-                fs.unlink(path)
-                fs.fsync_dir(segdir)
-                notes.append(f"removed {path}: incomplete segment header ({len(data)} bytes)")
+                rec.torn(path, 0, len(data), f"incomplete segment header ({scan.header_error})",
+                         remove=True)
                 continue
+            if first > expected:
+                rec.damage(path, 0, 0, f"records {expected}..{first - 1} are missing (segment deleted?)",
+                           (expected, first - 1))
+                expected = first
+            # Walk the segment in file order: damaged ranges and frames alternate.
+            pieces: list[tuple[int, object]] = [(f.offset, f) for f in scan.frames]
+            pieces += [(d.offset, d) for d in scan.damage]
             if scan.header_error:
                 end = scan.frames[0].offset if scan.frames else len(data)
-                lost_to = (scan.frames[0].first_seq - 1) if scan.frames else (
-                    next_first - 1 if next_first else None)
-                seqs = (expected, lost_to) if lost_to is not None and lost_to >= expected else None
-                damage(path, 0, scan.header_error, seqs, data[:end] or b"\0")
+                pieces.append((0, Damage(0, end, scan.header_error)))
+            pieces.sort(key=lambda p: p[0])
             last_seq = max(first, expected) - 1
-            dmg = iter(scan.damage)
-            for f in scan.frames:
-                if f.last_seq < expected:
+            prev_last = first - 1  # last seq of the previous valid frame in this segment
+            pending_damage: Damage | None = None
+            for _off, piece in pieces:
+                if isinstance(piece, Damage):
+                    pending_damage = piece
                     continue
-                if f.first_seq > expected:
-                    d = next((d for d in scan.damage if d.end == f.offset), None)
-                    off = d.offset if d else f.offset
-                    why = d.reason if d else f"records {expected}..{f.first_seq - 1} are missing"
-                    damage(path, off, why, (expected, f.first_seq - 1),
-                           data[d.offset:d.end] if d else b"")
-                elif f.first_seq < expected and f.first_seq > cp.seq:
-                    raise CorruptLog(path, f.offset,
-                                     f"frame repeats seqs {f.first_seq}..{f.last_seq}")
-                expected = f.last_seq + 1
-                last_seq = f.last_seq
-            del dmg
-            # Damage that sits between two frames with contiguous seqs lost no
-            # record (garbage was inserted): still corruption, still reported.
-            for d in scan.damage:
-                following = next((f for f in scan.frames if f.offset == d.end), None)
-                prev = [f for f in scan.frames if f.end <= d.offset]
-                if following is not None and prev and prev[-1].last_seq + 1 == following.first_seq:
-                    if following.first_seq > cp.seq:
-                        damage(path, d.offset, d.reason + " (no record lost)", None,
-                               data[d.offset:d.end])
+                f = piece
+                assert isinstance(f, Frame)
+                hidden_from = max(prev_last + 1, expected)
+                d = pending_damage
+                if d is not None and f.first_seq > prev_last + 1:
+                    rec.damage(path, d.offset, d.end - d.offset, d.reason,
+                               (prev_last + 1, f.first_seq - 1), data[d.offset:d.end])
+                elif d is not None and f.first_seq > cp.seq:
+                    # Garbage between contiguous frames: no record lost, still corruption.
+                    rec.damage(path, d.offset, d.end - d.offset, d.reason + " (no record lost)",
+                               None, data[d.offset:d.end])
+                elif f.first_seq > hidden_from:
+                    rec.damage(path, f.offset, 0, f"records {hidden_from}..{f.first_seq - 1} are missing",
+                               (hidden_from, f.first_seq - 1))
+                if f.first_seq <= prev_last and f.first_seq > cp.seq:
+                    raise CorruptLog(path, f.offset, f"frame repeats seqs {f.first_seq}..{f.last_seq}")
+                pending_damage = None
+                prev_last = max(prev_last, f.last_seq)
+                if f.last_seq >= expected:
+                    expected = f.last_seq + 1
+                    last_seq = f.last_seq
             size = len(data)
             if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
                 if is_last:
-                    fh = fs.open_append(path)
-                    try:
-                        fh.truncate(scan.tail_at)
-                        fh.sync()
-                    finally:
-                        fh.close()
-                    notes.append(
-                        f"trimmed torn tail of {path}: {len(data) - scan.tail_at} bytes at "
-                        f"offset {scan.tail_at} ({scan.tail_reason}); nothing in it was acknowledged"
-                    )
+                    rec.torn(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason)
                     size = scan.tail_at
                 else:
                     lost_to = next_first - 1 if next_first is not None else expected - 1
                     seqs = (expected, lost_to) if lost_to >= expected else None
-                    damage(path, scan.tail_at, scan.tail_reason, seqs,
-                           data[scan.tail_at:] or b"\0")
+                    rec.damage(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason, seqs,
+                               data[scan.tail_at:])
                     if seqs:
                         expected = seqs[1] + 1
-            if not is_last and next_first is not None and next_first > expected:
-                damage(path, size, f"records {expected}..{next_first - 1} are missing",
-                       (expected, next_first - 1))
+            if next_first is not None and next_first > expected:
+                rec.damage(path, size, 0, f"records {expected}..{next_first - 1} are missing",
+                           (expected, next_first - 1))
                 expected = next_first
             segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1)))
-        if segments and segments[0].first_seq > cp.seq + 1 and not any(
-            r.first <= cp.seq + 1 for r in (quarantine.lost if quarantine else [])
-        ):
-            damage(segments[0].path, 0,
-                   f"records {cp.seq + 1}..{segments[0].first_seq - 1} are missing "
-                   "(segment deleted?)", (cp.seq + 1, segments[0].first_seq - 1))
         next_seq = max(expected, cp.seq + 1, *(s.last_seq + 1 for s in segments))
-        for note in notes:
-            log.warning("walbatch recovery: %s", note)
-        lost = quarantine.finish() if quarantine else []
-        return cls(directory, fs, lock, cp, segments, next_seq, segment_bytes, lost, notes)
+        lost = rec.finish()
+        notes = [f.describe() for f in rec.findings]
+        return cls(directory, fs, lock, cp, segments, next_seq, segment_bytes, lost, notes,
+                   rec.findings, readonly)
 
     # ----------------------------------------------------------------- write
 
     def _check_usable(self) -> None:
+        if self.readonly:
+            raise LogFailed(f"the log in {self.directory} was opened read-only")
         if self._failed is not None:
             raise LogFailed(
                 f"the log in {self.directory} failed ({self._failed}) and refuses writes "
@@ -369,6 +370,10 @@ class Log:
                 self._fh = self.fs.open_append(last.path)
                 self._active_size = last.size
                 return
+        if self._fh is not None:
+            # Seal: a frame appended since the last sync must not be left behind
+            # in a segment that sync() will never look at again.
+            self.sync()
         path = os.path.join(self.segdir, segment_name(self.next_seq))
         fh = self.fs.open_append(path)
         try:
@@ -406,9 +411,9 @@ class Log:
 
     def commit_checkpoint(self, cp: Checkpoint) -> None:
         """Make ``cp`` durable, then delete the segments it covers entirely."""
-        if self._closed:
+        if self._closed or self.readonly:
             # A flusher outliving close() must not touch a directory it no longer locks.
-            raise LogFailed(f"the log in {self.directory} is closed")
+            raise LogFailed(f"the log in {self.directory} is closed or read-only")
         if cp.seq < self.checkpoint.seq:
             raise ValueError(f"checkpoint may not move back from {self.checkpoint.seq} to {cp.seq}")
         if cp == self.checkpoint:
@@ -512,6 +517,7 @@ class LogReader:
             if lost is not None:
                 out.append(RawFrame(self.next_seq, lost.last - self.next_seq + 1, None))
                 self.next_seq = lost.last + 1
+                self._seg = None  # the next seq may live in a later segment: look it up again
                 continue
             if self.next_seq > self.log.synced_seq:
                 break
@@ -572,43 +578,134 @@ class LogReader:
             self._fh = None
 
 
-class _Quarantine:
-    """Moves damaged bytes aside and remembers which seqs they cost."""
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing recovery found in the log, and what it did about it."""
 
-    def __init__(self, fs: FileSystem, directory: str) -> None:
+    path: str
+    offset: int
+    length: int
+    reason: str
+    seqs: tuple[int, int] | None
+    action: str
+    """``trimmed`` (torn tail cut off), ``removed`` (half-created segment),
+    ``torn`` (readonly: would be trimmed), ``ignored`` (damage in delivered
+    records), ``quarantined`` (moved aside, seqs lost) or ``corrupt``
+    (readonly report of damage that would stop the log)."""
+
+    @property
+    def is_corruption(self) -> bool:
+        return self.action in ("quarantined", "corrupt")
+
+    def describe(self) -> str:
+        seqs = f"; seqs {self.seqs[0]}..{self.seqs[1]}" if self.seqs else ""
+        what = _ACTIONS.get(self.action, self.action)
+        return f"{what}: {self.path} at offset {self.offset} ({self.length} bytes): {self.reason}{seqs}"
+
+
+_ACTIONS = {
+    "trimmed": "trimmed torn tail",
+    "removed": "removed half-created segment",
+    "torn": "torn tail (open would trim it)",
+    "ignored": "ignored damage in delivered records",
+    "quarantined": "quarantined damaged range",
+    "corrupt": "CORRUPT",
+}
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+class _EmptySegments:
+    """A read-only view that pretends a missing segments/ directory is empty."""
+
+    def __init__(self, fs: FileSystem, segdir: str) -> None:
+        self._fs, self._segdir = fs, segdir
+
+    def listdir(self, path: str) -> list[str]:
+        return [] if path == self._segdir else self._fs.listdir(path)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fs, name)
+
+
+class _Recovery:
+    """Collects what recovery finds and acts on it according to the mode."""
+
+    def __init__(self, fs: FileSystem, directory: str, cp: Checkpoint, mode: str,
+                 readonly: bool) -> None:
         self.fs = fs
-        self.dir = os.path.join(directory, QUARANTINE_DIR)
+        self.directory = directory
+        self.cp = cp
+        self.mode = mode
+        self.readonly = readonly
+        self.findings: list[Finding] = []
         self.lost: list[LostRange] = []
-        self._entries: list[dict] = []
+        self._raw: list[bytes] = []
 
-    def record(self, path: str, offset: int, reason: str, seqs: tuple[int, int] | None,
-               raw: bytes) -> None:
+    def torn(self, path: str, offset: int, length: int, reason: str, remove: bool = False) -> None:
+        if self.readonly:
+            action = "torn"
+        elif remove:
+            self.fs.unlink(path)
+            self.fs.fsync_dir(os.path.dirname(path))
+            action = "removed"
+        else:
+            fh = self.fs.open_append(path)
+            try:
+                fh.truncate(offset)
+                fh.sync()
+            finally:
+                fh.close()
+            action = "trimmed"
+        finding = Finding(path, offset, length, reason + "; nothing in it was acknowledged", None, action)
+        self.findings.append(finding)
+        if not self.readonly:
+            log.warning("walbatch recovery: %s", finding.describe())
+
+    def damage(self, path: str, offset: int, length: int, reason: str,
+               seqs: tuple[int, int] | None, raw: bytes = b"") -> None:
+        cp = self.cp.seq
+        if seqs is not None and seqs[1] <= cp:
+            self.findings.append(Finding(path, offset, length, reason + " (already delivered)",
+                                         seqs, "ignored"))
+            return
+        if seqs is not None and seqs[0] <= cp:
+            seqs = (cp + 1, seqs[1])
+        if self.mode == "raise":
+            raise CorruptLog(path, offset, reason, seqs)
+        action = "quarantined" if self.mode == "quarantine" else "corrupt"
+        self.findings.append(Finding(path, offset, length, reason, seqs, action))
+        self._raw.append(raw)
         if seqs is not None:
             self.lost.append(LostRange(seqs[0], seqs[1], path, offset, reason))
-        self._entries.append({
-            "segment": os.path.basename(path), "offset": offset, "length": len(raw),
-            "reason": reason, "lost_seqs": list(seqs) if seqs else None,
-            "raw": raw,
-        })
 
     def finish(self) -> list[LostRange]:
-        if not self._entries:
+        """Write the quarantine report and the damaged bytes (quarantine mode)."""
+        if self.mode != "quarantine" or self.readonly:
             return self.lost
-        self.fs.makedirs(self.dir)
-        report_path = os.path.join(self.dir, QUARANTINE_REPORT)
+        entries = [(f, raw) for f, raw in zip(
+            [f for f in self.findings if f.action == "quarantined"], self._raw, strict=True)]
+        if not entries:
+            return self.lost
+        qdir = os.path.join(self.directory, QUARANTINE_DIR)
+        self.fs.makedirs(qdir)
+        report_path = os.path.join(qdir, QUARANTINE_REPORT)
         known = self.fs.read_file(report_path).decode() if self.fs.exists(report_path) else ""
         lines = []
-        for e in self._entries:
-            raw = e.pop("raw")
-            bad_name = f"{e['segment']}@{e['offset']}.bad"
-            line = json.dumps({"bytes_file": bad_name, **e}, sort_keys=True)
+        for f, raw in entries:
+            bad_name = f"{os.path.basename(f.path)}@{f.offset}.bad"
             if f'"bytes_file": "{bad_name}"' in known:
-                continue
-            self.fs.write_file(os.path.join(self.dir, bad_name), raw)
-            lines.append(json.dumps({"time": time.time(), **json.loads(line)}, sort_keys=True))
-            log.error("walbatch quarantined %s at %d: %s; lost seqs %s",
-                      e["segment"], e["offset"], e["reason"], e["lost_seqs"])
+                continue  # reported by an earlier open
+            self.fs.write_file(os.path.join(qdir, bad_name), raw)
+            lines.append(json.dumps({
+                "time": time.time(), "segment": os.path.basename(f.path), "offset": f.offset,
+                "length": f.length, "reason": f.reason,
+                "lost_seqs": list(f.seqs) if f.seqs else None, "bytes_file": bad_name,
+            }, sort_keys=True))
+            log.error("walbatch recovery: %s", f.describe())
         if lines:
-            self.fs.write_file(report_path, (known + "\n".join(lines) + "\n").encode())
-            self.fs.fsync_dir(self.dir)
+            write_atomic(self.fs, report_path, (known + "\n".join(lines) + "\n").encode())
         return self.lost
