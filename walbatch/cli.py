@@ -10,6 +10,7 @@ import ast
 import asyncio
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -26,7 +27,8 @@ import click
 
 from . import __version__
 from .durable import DurableBatcher
-from .errors import WalbatchError
+from .errors import LogLocked, WalbatchError, format_seqs
+from .log import Log
 from .options import Options
 
 _DEMO_MARKER = ".walbatch-demo"
@@ -207,6 +209,466 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     except (OSError, ValueError) as ex:
         batcher.close(shutdown_timeout)
         raise _fail(ex) from None
+
+
+# -------------------------------------------------------- operator commands
+
+_DATA_DIR = click.option("--data-dir", default="walbatch-data", show_default=True,
+                         envvar="WALBATCH_DATA_DIR", type=click.Path(file_okay=False),
+                         help="The log directory.")
+
+
+def _socket_option(required: bool = False):  # type: ignore[no-untyped-def]
+    return click.option("--socket", "socket_path", default=None, envvar="WALBATCH_SOCKET",
+                        help="The daemon's socket [default: DATA_DIR/walbatch.sock].")
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, bytes):
+        import base64
+
+        return {"$base64": base64.b64encode(v).decode()}
+    return repr(v)
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+
+
+def _open_readonly(data_dir: str) -> Log:
+    try:
+        return Log.open(data_dir, readonly=True, on_corruption="report")
+    except (FileNotFoundError, WalbatchError) as ex:
+        raise _fail(ex) from None
+
+
+@cli.command()
+@click.argument("items", nargs=-1)
+@_DATA_DIR
+@_socket_option()
+@click.option("--direct", is_flag=True,
+              help="Write into DATA_DIR's log without a daemon (it must not be running); the "
+                   "items are delivered by the next `walbatch serve` or `walbatch replay`.")
+@click.option("--batch", "batch_size", default=1000, show_default=True, type=click.IntRange(1),
+              help="Items per submit request.")
+def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direct: bool,
+           batch_size: int) -> None:
+    """Submit JSON items (arguments, or JSON lines on stdin) and print how many were acknowledged.
+
+    A malformed line stops the command with its line number; the lines before it
+    are acknowledged and stay acknowledged.
+
+    \b
+    Example:
+        printf '{"user": 1}\n{"user": 2}\n' | walbatch submit
+        walbatch submit '{"user": 3}' '"a string item"'
+    """
+    sources = enumerate(items, 1) if items else enumerate(sys.stdin, 1)
+    label = "argument" if items else "line"
+    acked = 0
+    if direct:
+        try:
+            target: Any = DurableBatcher(data_dir, None)
+        except WalbatchError as ex:
+            raise _fail(ex) from None
+
+        def send(batch: list[Any]) -> int:
+            return len(target.submit_many(batch))
+    else:
+        from .client import Client
+
+        target = Client(socket_path or os.path.join(data_dir, "walbatch.sock"), connect_timeout=2)
+
+        def send(batch: list[Any]) -> int:
+            return len(target.submit_many(batch))
+
+    error: str | None = None
+    try:
+        batch: list[Any] = []
+        for n, text in sources:
+            if not text.strip():
+                continue
+            try:
+                batch.append(json.loads(text))
+            except json.JSONDecodeError as ex:
+                error = f"{label} {n}: not valid JSON ({ex.msg} at column {ex.colno})"
+                break
+            if len(batch) >= batch_size:
+                acked += send(batch)
+                batch = []
+        if batch:
+            acked += send(batch)
+    except (WalbatchError, OSError) as ex:
+        error = str(ex)
+    finally:
+        target.close()
+    click.echo(f"acknowledged {acked} item(s)")
+    if error:
+        raise click.ClickException(error + f"; the {acked} item(s) before it are acknowledged")
+
+
+@cli.command()
+@_DATA_DIR
+@_socket_option()
+@click.option("--live", is_flag=True, help="Ask the running daemon (its socket) instead of "
+              "reading the directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(data_dir: str, socket_path: str | None, live: bool, as_json: bool) -> None:
+    """Show a log's segments, seq range, checkpoint, backlog, dead letters and damage.
+
+    Reads the directory without locking it, so it works beside a running
+    daemon; --live asks the daemon for its counters (and last sink error).
+
+    \b
+    Example:
+        walbatch status --data-dir /var/lib/walbatch --json
+    """
+    if live or socket_path:
+        from .client import Client
+
+        with Client(socket_path or os.path.join(data_dir, "walbatch.sock"), connect_timeout=2) as c:
+            try:
+                info = c.stats()
+            except WalbatchError as ex:
+                raise _fail(ex) from None
+        _print_mapping(info, as_json)
+        return
+    log_ = _open_readonly(data_dir)
+    try:
+        segs = log_.segments()
+        cp = log_.checkpoint
+        dead = _count_dead(data_dir)
+        info = {
+            "data_dir": log_.directory,
+            "log_id": str(log_.log_id),
+            "segments": len(segs),
+            "bytes": sum(s.size for s in segs),
+            "first_seq": log_.first_seq(),
+            "last_seq": log_.synced_seq,
+            "checkpoint": cp.seq,
+            "backlog": max(0, log_.synced_seq - cp.seq),
+            "delivered": cp.delivered,
+            "dead_letters": dead,
+            "locked_by_a_writer": _is_locked(data_dir),
+            "damage": [f.describe() for f in log_.findings],
+        }
+    finally:
+        log_.close()
+    _print_mapping(info, as_json)
+
+
+def _print_mapping(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(_dumps(info))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = "none" if not value else "\n".join(
+                [str(value[0])] + [" " * (width + 2) + str(v) for v in value[1:]])
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _count_dead(data_dir: str) -> int:
+    from .dlq import DLQ_FILE, DeadLetterStore
+
+    if not os.path.exists(os.path.join(data_dir, DLQ_FILE)):
+        return 0
+    store = DeadLetterStore.for_dir(data_dir)
+    try:
+        return store.count()
+    finally:
+        store.close()
+
+
+def _is_locked(data_dir: str) -> bool:
+    from .fileio import OsFileSystem
+    from .log import LOCK_FILE
+
+    try:
+        OsFileSystem().lock(os.path.join(data_dir, LOCK_FILE)).release()
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+@cli.command()
+@_DATA_DIR
+@click.option("--sink", required=True, envvar="WALBATCH_SINK",
+              help="Where to deliver: sqlite:///PATH, file:///PATH or module:function.")
+@click.option("--dry-run", is_flag=True, help="Only read, decode and count what would be delivered.")
+@click.option("--timeout", default=None, type=click.FloatRange(min=0),
+              help="Give up after this many seconds (what is left stays in the log).")
+@batcher_options
+def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, **kwargs: Any) -> None:
+    """Deliver everything after the checkpoint to a sink, without the daemon.
+
+    The recovery command: it opens the log (the daemon must be stopped), delivers
+    the backlog with a progress bar, advances the checkpoint and exits. --dry-run
+    counts and checks the backlog without delivering or changing anything.
+
+    \b
+    Example:
+        walbatch replay --data-dir /var/lib/walbatch --sink "sqlite:///events.db?table=events"
+    """
+    if dry_run:
+        log_ = _open_readonly(data_dir)
+        try:
+            n = lost = 0
+            try:
+                for _seq, _item, is_lost in log_.records(log_.checkpoint.seq + 1):
+                    n += 1
+                    lost += is_lost
+            except WalbatchError as ex:
+                raise click.ClickException(f"{ex} (after {n} good records)") from None
+            corrupt = [f for f in log_.findings if f.is_corruption]
+        finally:
+            log_.close()
+        click.echo(f"would deliver {n - lost} item(s) after checkpoint {log_.checkpoint.seq}"
+                   + (f"; {lost} seq(s) damaged" if lost else ""))
+        for f in corrupt:
+            click.echo(f.describe(), err=True)
+        if corrupt:
+            sys.exit(3)
+        return
+    opts = _options_from(kwargs)
+    try:
+        b = DurableBatcher(data_dir, sink, **opts)
+    except (WalbatchError, ValueError, TypeError, ImportError, OSError) as ex:
+        raise _fail(ex) from None
+    start = b.initial_checkpoint
+    total = b.backlog_at_open
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            b.flush(timeout)
+        except BaseException as ex:  # reported below
+            failure.append(ex)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    t0 = time.monotonic()
+    if sys.stderr.isatty() and total:
+        with click.progressbar(length=total, label="replaying", show_eta=True, show_pos=True,
+                               file=sys.stderr,
+                               item_show_func=lambda rate: f"{rate:,.0f} items/s" if rate else None
+                               ) as bar:
+            shown = 0
+            while not done.wait(0.2):
+                s = b.stats()
+                now = s.delivered + s.dead_lettered - start.delivered - start.dead_lettered
+                bar.update(now - shown, now / max(1e-9, time.monotonic() - t0))  # type: ignore[arg-type]
+                shown = now
+            s = b.stats()
+            now = s.delivered + s.dead_lettered - start.delivered - start.dead_lettered
+            bar.update(now - shown)
+    else:
+        done.wait()
+    b.close(timeout=5)
+    end = b.stats()
+    delivered = end.delivered - start.delivered
+    dead = end.dead_lettered - start.dead_lettered
+    elapsed = time.monotonic() - t0
+    click.echo(f"delivered {delivered} item(s), dead-lettered {dead}, {end.pending} left, "
+               f"in {elapsed:.2f}s; checkpoint {end.last_checkpoint}")
+    if failure:
+        raise _fail(failure[0])
+
+
+@cli.command()
+@_DATA_DIR
+@click.option("--repair", is_flag=True,
+              help="Trim torn tails and move damaged ranges aside (the daemon must be stopped); "
+                   "lists exactly which seqs were lost and records them as dead letters.")
+@click.option("--json", "as_json", is_flag=True, help="Print findings as JSON lines.")
+def verify(data_dir: str, repair: bool, as_json: bool) -> None:
+    """Check every record's checksum; report damage by file and offset.
+
+    Exit code 0 when the log is intact (a torn tail is not damage: the next
+    open trims it), 3 when it is damaged. With --repair, damaged ranges are
+    copied to DATA_DIR/quarantine/ and the log goes on without them.
+
+    \b
+    Example:
+        walbatch verify --data-dir /var/lib/walbatch && echo intact
+    """
+    from .dlq import DeadLetterStore, record_lost
+
+    if repair:
+        try:
+            log_ = Log.open(data_dir, on_corruption="quarantine")
+        except LogLocked as ex:
+            raise click.ClickException(f"{ex} (stop the daemon before --repair)") from None
+        except (FileNotFoundError, WalbatchError) as ex:
+            raise _fail(ex) from None
+        try:
+            store = DeadLetterStore.for_dir(data_dir)
+            try:
+                record_lost(store, log_)
+            finally:
+                store.close()
+        finally:
+            log_.close()
+    else:
+        log_ = _open_readonly(data_dir)
+        log_.close()
+    findings = log_.findings
+    decode_error = None
+    if not repair:
+        check = _open_readonly(data_dir)
+        try:
+            for _ in check.records(check.checkpoint.seq + 1):
+                pass
+        except WalbatchError as ex:
+            decode_error = str(ex)
+        finally:
+            check.close()
+    for f in findings:
+        if as_json:
+            click.echo(_dumps(dataclasses.asdict(f)))
+        else:
+            click.echo(f.describe())
+    if decode_error:
+        click.echo(decode_error, err=True)
+    lost = sorted({s for r in log_.lost for s in range(r.first, r.last + 1)})
+    corrupt = [f for f in findings if f.action == "corrupt"] or ([1] if decode_error else [])
+    if repair:
+        click.echo(f"repaired: {len(findings)} finding(s); lost seqs: "
+                   f"{format_seqs(lost) if lost else 'none'}")
+    elif corrupt:
+        click.echo(f"DAMAGED: {len(corrupt)} damaged range(s); run `walbatch verify --repair`",
+                   err=True)
+        sys.exit(3)
+    else:
+        harmless = sum(f.action == "ignored" for f in findings)
+        click.echo(f"intact: seqs {log_.first_seq()}..{log_.synced_seq}, "
+                   f"checkpoint {log_.checkpoint.seq}"
+                   + (f" ({harmless} damaged range(s) in delivered records, harmless)"
+                      if harmless else ""))
+
+
+@cli.command()
+@_DATA_DIR
+@click.option("--from", "from_seq", type=click.IntRange(1), default=None, help="First seq.")
+@click.option("--to", "to_seq", type=click.IntRange(1), default=None, help="Last seq.")
+@click.option("--pending", is_flag=True, help="Only records after the checkpoint.")
+def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool) -> None:
+    """Print records as JSON lines {"seq": ..., "item": ...} for debugging.
+
+    Bytes values appear as {"$base64": ...}; seqs lost to quarantined damage
+    as {"seq": N, "lost": true}.
+
+    \b
+    Example:
+        walbatch dump --data-dir /var/lib/walbatch --from 1000 --to 1010
+    """
+    log_ = _open_readonly(data_dir)
+    if pending:
+        from_seq = max(from_seq or 1, log_.checkpoint.seq + 1)
+    try:
+        for seq, item, lost in log_.records(from_seq, to_seq):
+            click.echo(_dumps({"seq": seq, "lost": True} if lost else {"seq": seq, "item": item}))
+    except WalbatchError as ex:
+        raise _fail(ex) from None
+    finally:
+        log_.close()
+
+
+@cli.group()
+def dlq() -> None:
+    """List, requeue or purge dead letters (items a sink refused for good)."""
+
+
+@dlq.command("list")
+@_DATA_DIR
+@click.option("--limit", type=click.IntRange(1), default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+def dlq_list(data_dir: str, limit: int | None, as_json: bool) -> None:
+    """List dead letters with their error.
+
+    \b
+    Example:
+        walbatch dlq list --data-dir /var/lib/walbatch --json
+    """
+    from .dlq import list_dead_letters
+
+    for d in list_dead_letters(data_dir, limit):
+        if as_json:
+            click.echo(_dumps(dataclasses.asdict(d)))
+        else:
+            item = "(lost)" if d.lost else _dumps(d.item)
+            click.echo(f"{d.seq}\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d.failed_at))}"
+                       f"\t{d.error}\t{item[:200]}")
+
+
+@dlq.command("requeue")
+@_DATA_DIR
+@_socket_option()
+@click.option("--seq", "seqs", type=int, multiple=True, help="Only this seq; repeatable.")
+def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -> None:
+    """Submit dead letters again (new seqs), then remove them from the store.
+
+    Goes through the running daemon when its socket answers; otherwise writes
+    into the log directly (delivered by the next serve or replay).
+
+    \b
+    Example:
+        walbatch dlq requeue --data-dir /var/lib/walbatch --seq 42
+    """
+    from .dlq import DeadLetterStore, requeue
+
+    sock = socket_path or os.path.join(data_dir, "walbatch.sock")
+    try:
+        if _is_locked(data_dir):
+            from .client import Client
+
+            store = DeadLetterStore.for_dir(data_dir)
+            try:
+                wanted = set(seqs) if seqs else None
+                chosen = [d for d in store.list() if not d.lost and (wanted is None or d.seq in wanted)]
+                if chosen:
+                    with Client(sock, connect_timeout=2) as c:
+                        c.submit_many([d.item for d in chosen])
+                    store.remove((d.log_id, d.seq) for d in chosen)
+                n = len(chosen)
+            finally:
+                store.close()
+        else:
+            n = requeue(data_dir, seqs=list(seqs) or None)
+    except WalbatchError as ex:
+        raise _fail(ex) from None
+    click.echo(f"requeued {n} dead letter(s)")
+
+
+@dlq.command("purge")
+@_DATA_DIR
+@click.option("--seq", "seqs", type=int, multiple=True, help="Only this seq; repeatable.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(data_dir: str, seqs: tuple[int, ...], yes: bool) -> None:
+    """Delete dead letters for good.
+
+    \b
+    Example:
+        walbatch dlq purge --data-dir /var/lib/walbatch --seq 42 --yes
+    """
+    from .dlq import DeadLetterStore
+
+    what = f"{len(seqs)} dead letter(s)" if seqs else "ALL dead letters"
+    if not yes:
+        click.confirm(f"Delete {what} in {data_dir}?", abort=True)
+    store = DeadLetterStore.for_dir(data_dir)
+    try:
+        n = store.purge(list(seqs) or None)
+    finally:
+        store.close()
+    click.echo(f"purged {n} dead letter(s)")
 
 
 @cli.command()

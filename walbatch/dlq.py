@@ -21,6 +21,7 @@ import sqlite_utils
 
 if TYPE_CHECKING:
     from .durable import DurableBatcher
+    from .log import Log
 
 DLQ_FILE = "dlq.db"
 TABLE = "dead_letters"
@@ -128,6 +129,17 @@ class DeadLetterStore:
             self.db.conn.close()
 
 
+def record_lost(store: DeadLetterStore, log: Log) -> int:
+    """Record the seqs a quarantining open gave up as dead letters (idempotent)."""
+    n = 0
+    for r in log.lost:
+        seqs = range(max(r.first, log.checkpoint.seq + 1), r.last + 1)
+        n += store.add(str(log.log_id), [(s, None) for s in seqs],
+                       f"lost to corruption in {r.path} at offset {r.offset}: {r.reason} "
+                       "(bytes kept in quarantine/)", lost=True)
+    return n
+
+
 def _row(r: dict[str, Any]) -> DeadLetter:
     item = None if r["item"] is None else msgpack.unpackb(
         r["item"], raw=False, strict_map_key=False)
@@ -157,14 +169,5 @@ def requeue(data_dir: str, sink: Any = None, seqs: Sequence[int] | None = None) 
     """
     from .durable import DurableBatcher
 
-    with DurableBatcher(data_dir, sink or _Hold(), close_timeout=0 if sink is None else 30) as b:
+    with DurableBatcher(data_dir, sink) as b:
         return b.dead_letters.requeue(b, seqs)
-
-
-class _Hold:
-    """A sink that takes nothing, so requeued items wait in the log."""
-
-    def write(self, batch: list[Any]) -> None:
-        from .errors import SinkError
-
-        raise SinkError("no sink given: the item stays in the log", retryable=True)

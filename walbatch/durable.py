@@ -21,8 +21,9 @@ from typing import Any, overload
 
 import msgpack
 
+from .checkpoint import Checkpoint
 from .commit import GroupCommitter
-from .dlq import DeadLetterStore
+from .dlq import DeadLetterStore, record_lost
 from .errors import Closed, LogFull
 from .fileio import FileSystem
 from .flusher import Flusher
@@ -167,7 +168,9 @@ class DurableBatcher:
 
     ``sink`` is a callable ``fn(batch)``, an object with ``write(batch)`` (and
     optionally ``close()``), or a URL: ``sqlite:///out.db?table=items``,
-    ``file:///out.jsonl``, ``module:function``. Options are keyword arguments
+    ``file:///abs/out.jsonl``, ``module:function``. ``None`` makes a writer
+    only: items are acknowledged and stay in the log until a batcher with a
+    sink (or ``walbatch replay``) opens it. Options are keyword arguments
     (see ``walbatch.Options`` for each one and its default).
     """
 
@@ -179,18 +182,14 @@ class DurableBatcher:
                             f"valid options: {', '.join(Options.names())}")
         self.options = opts = Options(**options)
         self.directory = os.path.abspath(os.fspath(directory))
-        self._sink = resolve_sink(sink)
+        self._sink = None if sink is None else resolve_sink(sink)
         self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,
                              on_corruption=opts.on_corruption)
+        self._initial_checkpoint = self._log.checkpoint
+        self._backlog_at_open = self._log.synced_seq - self._log.checkpoint.seq
         try:
             self.dead_letters = DeadLetterStore.for_dir(self.directory)
-            if self._log.lost:
-                for r in self._log.lost:
-                    seqs = range(max(r.first, self._log.checkpoint.seq + 1), r.last + 1)
-                    self.dead_letters.add(
-                        str(self._log.log_id), [(s, None) for s in seqs],
-                        f"lost to corruption in {r.path} at offset {r.offset}: {r.reason} "
-                        "(bytes kept in quarantine/)", lost=True)
+            record_lost(self.dead_letters, self._log)
             self._flusher = Flusher(self._log, self._sink, self.dead_letters, opts)
             self._committer = GroupCommitter(self._log, self._flusher.on_durable,
                                              opts.max_group_bytes)
@@ -204,7 +203,10 @@ class DurableBatcher:
         self._aio_pool: ThreadPoolExecutor | None = None
         self._aio_state: weakref.WeakKeyDictionary[Any, _AioQueue] = weakref.WeakKeyDictionary()
         self._flusher.on_space = self._notify_room
-        self._flusher.start()
+        if self._sink is not None:
+            self._flusher.start()
+        else:
+            self._flusher.exited.set()  # writer only: delivery happens elsewhere
 
     def _notify_room(self) -> None:
         with self._room:
@@ -215,6 +217,16 @@ class DurableBatcher:
     @property
     def log_id(self) -> str:
         return str(self._log.log_id)
+
+    @property
+    def initial_checkpoint(self) -> Checkpoint:
+        """The checkpoint found at open: what was delivered before this batcher started."""
+        return self._initial_checkpoint
+
+    @property
+    def backlog_at_open(self) -> int:
+        """How many acknowledged items were waiting for delivery when the log was opened."""
+        return self._backlog_at_open
 
     # -------------------------------------------------------------- submit
 
@@ -341,6 +353,8 @@ class DurableBatcher:
         Raises TimeoutError if that does not happen within ``timeout`` seconds
         (the items stay in the log), or the flusher's fatal error (CorruptLog).
         """
+        if self._sink is None:
+            raise Closed("this batcher has no sink (sink=None): it only writes the log")
         self._flusher.flush(self._log.synced_seq, timeout)
 
     def stats(self) -> Stats:
@@ -386,7 +400,7 @@ class DurableBatcher:
             with self._room:
                 self._room.notify_all()
             self._flusher.stop(time.monotonic() + timeout)
-        if threading.current_thread() is self._flusher.thread:
+        if self._flusher.in_sink():
             # Called from inside the sink: the flusher cannot wait for itself.
             threading.Thread(target=self._finish_after_exit, daemon=True).start()
             return

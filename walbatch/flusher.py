@@ -85,6 +85,7 @@ class Flusher:
             ThreadPoolExecutor(opts.flush_concurrency, thread_name_prefix="walbatch-deliver")
             if opts.flush_concurrency > 1 else None
         )
+        self._delivery_thread = threading.local()  # marks the pool's threads (inside the sink)
         self.on_space: Any = lambda: None  # called when segments were freed
         self.thread = threading.Thread(target=self._run, name="walbatch-flusher", daemon=True)
         self.exited = threading.Event()
@@ -261,6 +262,7 @@ class Flusher:
         self._pool.submit(self._deliver_in_pool, closed)
 
     def _deliver_in_pool(self, closed: ClosedBatch[Record]) -> None:
+        self._delivery_thread.active = True
         try:
             self._deliver(closed)
         except BaseException as ex:
@@ -271,6 +273,11 @@ class Flusher:
             with self._cv:
                 self._inflight -= 1
                 self._cv.notify_all()
+
+    def in_sink(self) -> bool:
+        """True on a thread that calls the sink (the flusher's own or a pool thread)."""
+        return threading.current_thread() is self.thread or getattr(
+            self._delivery_thread, "active", False)
 
     def _deliver(self, closed: ClosedBatch[Record]) -> None:
         records = closed.items

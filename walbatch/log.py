@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
@@ -32,6 +33,7 @@ from .framing import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     Frame,
+    decode_items,
     encode_frame_header,
     encode_header,
     find_next_frame,
@@ -457,6 +459,43 @@ class Log:
     def reader(self, from_seq: int) -> LogReader:
         return LogReader(self, from_seq)
 
+    def first_seq(self) -> int:
+        """The lowest seq still on disk (records below it were delivered and deleted)."""
+        segs = self.segments()
+        return segs[0].first_seq if segs else self.checkpoint.seq + 1
+
+    def records(self, from_seq: int | None = None, to_seq: int | None = None
+                ) -> Iterator[tuple[int, object, bool]]:
+        """Yield ``(seq, item, lost)`` for durable records in ``[from_seq, to_seq]``.
+
+        ``lost`` is True (and ``item`` None) for seqs quarantined as damaged.
+        Raises CorruptLog on damage that was not quarantined.
+        """
+        seq_from = max(from_seq or 1, self.first_seq())
+        reader = self.reader(seq_from)
+        try:
+            while frames := reader.read():
+                for f in frames:
+                    if f.payload is None:
+                        for seq in range(f.first_seq, f.first_seq + f.count):
+                            if seq >= seq_from and (to_seq is None or seq <= to_seq):
+                                yield seq, None, True
+                        continue
+                    try:
+                        decoded = list(decode_items(f.payload, f.count))
+                    except ValueError as ex:
+                        raise CorruptLog(self.segdir, 0, str(ex),
+                                         (f.first_seq, f.first_seq + f.count - 1)) from ex
+                    for i, (item, _size) in enumerate(decoded):
+                        seq = f.first_seq + i
+                        if seq < seq_from:
+                            continue
+                        if to_seq is not None and seq > to_seq:
+                            return
+                        yield seq, item, False
+        finally:
+            reader.close()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -644,6 +683,21 @@ class _Recovery:
         self.findings: list[Finding] = []
         self.lost: list[LostRange] = []
         self._raw: list[bytes] = []
+        self.known = self._reported_ranges()
+
+    def _reported_ranges(self) -> set[tuple[str, int]]:
+        """(segment, offset) of damage an earlier quarantine already moved aside."""
+        path = os.path.join(self.directory, QUARANTINE_DIR, QUARANTINE_REPORT)
+        if not self.fs.exists(path):
+            return set()
+        known = set()
+        for line in self.fs.read_file(path).decode(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                known.add((str(entry["segment"]), int(entry["offset"])))
+            except (ValueError, KeyError, TypeError):
+                log.warning("walbatch: ignoring a malformed line in %s: %.80r", path, line)
+        return known
 
     def torn(self, path: str, offset: int, length: int, reason: str, remove: bool = False) -> None:
         if self.readonly:
@@ -674,9 +728,10 @@ class _Recovery:
             return
         if seqs is not None and seqs[0] <= cp:
             seqs = (cp + 1, seqs[1])
-        if self.mode == "raise":
+        reported = (os.path.basename(path), offset) in self.known
+        if self.mode == "raise" and not reported:
             raise CorruptLog(path, offset, reason, seqs)
-        action = "quarantined" if self.mode == "quarantine" else "corrupt"
+        action = "quarantined" if self.mode == "quarantine" or reported else "corrupt"
         self.findings.append(Finding(path, offset, length, reason, seqs, action))
         self._raw.append(raw)
         if seqs is not None:
@@ -687,7 +742,8 @@ class _Recovery:
         if self.mode != "quarantine" or self.readonly:
             return self.lost
         entries = [(f, raw) for f, raw in zip(
-            [f for f in self.findings if f.action == "quarantined"], self._raw, strict=True)]
+            [f for f in self.findings if f.action in ("quarantined", "corrupt")], self._raw,
+            strict=True) if f.action == "quarantined"]
         if not entries:
             return self.lost
         qdir = os.path.join(self.directory, QUARANTINE_DIR)

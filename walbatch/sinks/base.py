@@ -75,12 +75,17 @@ def sink_from_url(url: str) -> Any:
     if scheme == "file":
         from .file import FileSink
 
-        return FileSink(_path_of(url))
+        # RFC 8089: file:///abs/path is absolute; file:rel/path is relative.
+        parts = urlsplit(url)
+        path = parts.netloc + parts.path
+        if not path:
+            raise ValueError(f"sink URL {url!r} has no path")
+        return FileSink(path)
     if ":" in url and "/" not in url.split(":", 1)[0] and scheme not in ("http", "https"):
         module, _, attr = url.partition(":")
         if module and attr and all(p.isidentifier() for p in module.split(".")):
             fn = getattr(importlib.import_module(module), attr)
             return resolve_sink(fn)
     raise ValueError(
-        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///PATH.jsonl or module:function"
+        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///ABS/PATH.jsonl or module:function"
     )
