@@ -29,3 +29,10 @@ def test_readme_sections_in_order() -> None:
     readme = (ROOT / "README.md").read_text()
     headings = re.findall(r"^## (.+)$", readme, re.M)
     assert headings == ["Two commands", "In 30 seconds", "The daemon", "Guarantees", "Benchmarks"]
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands["dlq"].commands))  # type: ignore[attr-defined]
+def test_every_dlq_subcommand_has_help_with_an_example(command: str) -> None:
+    result = CliRunner().invoke(cli, ["dlq", command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output

@@ -583,7 +583,12 @@ def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool)
 
 @cli.group()
 def dlq() -> None:
-    """List, requeue or purge dead letters (items a sink refused for good)."""
+    """List, requeue or purge dead letters (items a sink refused for good).
+
+    \b
+    Example:
+        walbatch dlq list --data-dir /var/lib/walbatch
+    """
 
 
 @dlq.command("list")
