@@ -12,12 +12,15 @@ handed to ``on_durable`` in seq order.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 
 from .errors import Closed
 from .log import Log
+
+log = logging.getLogger("walbatch")
 
 _allocate = threading.Lock
 
@@ -93,7 +96,13 @@ class GroupCommitter:
                 w.first_seq = seq
                 seq += w.count
             self.groups += 1
-            self.on_durable(first, count, payload)
+            try:
+                self.on_durable(first, count, payload)
+            except Exception:
+                # The items are durable, so the waiters succeed; the flusher notices
+                # the missing frame (its tail is no longer contiguous) and reads the
+                # log from disk instead. A raise here must never strand the waiters.
+                log.exception("walbatch: on_durable failed; delivery falls back to the log")
         with self._mu:
             for w in group:
                 w.done = True

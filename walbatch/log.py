@@ -276,6 +276,15 @@ class Log:
                 if f.last_seq >= expected:
                     expected = f.last_seq + 1
                     last_seq = f.last_seq
+            if pending_damage is not None:
+                # A bad header with no valid frame after it: the whole file is damage.
+                # (Not a torn create: that leaves at most HEADER_SIZE bytes, handled above.)
+                d = pending_damage
+                lost_to = next_first - 1 if next_first is not None else None
+                seqs = (expected, lost_to) if lost_to is not None and lost_to >= expected else None
+                rec.damage(path, d.offset, d.end - d.offset, d.reason, seqs, data[d.offset:d.end])
+                if seqs:
+                    expected = seqs[1] + 1
             size = len(data)
             if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
                 if is_last:
@@ -369,7 +378,10 @@ class Log:
         if self._fh is None and self._segments:
             last = self._segments[-1]
             if last.size < self.segment_bytes:
-                self._fh = self.fs.open_append(last.path)
+                try:
+                    self._fh = self.fs.open_append(last.path)
+                except OSError as ex:
+                    raise LogWriteError(f"reopening segment {last.path} failed: {ex}") from ex
                 self._active_size = last.size
                 return
         if self._fh is not None:
@@ -377,7 +389,10 @@ class Log:
             # in a segment that sync() will never look at again.
             self.sync()
         path = os.path.join(self.segdir, segment_name(self.next_seq))
-        fh = self.fs.open_append(path)
+        try:
+            fh = self.fs.open_append(path)
+        except OSError as ex:  # nothing was created: a clean, retryable write error
+            raise LogWriteError(f"creating segment {path} failed: {ex}") from ex
         try:
             fh.truncate(0)
             fh.write(encode_header(self.log_id))
