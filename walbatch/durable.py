@@ -66,6 +66,15 @@ def _check_frame_size(nbytes: int) -> None:
                          "bytes; nothing was written")
 
 
+def _close_quietly(sink: Any) -> None:
+    close = getattr(sink, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:
+            log.exception("walbatch: sink.close() failed")
+
+
 class Receipt:
     """The acknowledgement of one durable item: its seq, and a way to await delivery."""
 
@@ -183,8 +192,12 @@ class DurableBatcher:
         self.options = opts = Options(**options)
         self.directory = os.path.abspath(os.fspath(directory))
         self._sink = None if sink is None else resolve_sink(sink)
-        self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,
-                             on_corruption=opts.on_corruption)
+        try:
+            self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,
+                                 on_corruption=opts.on_corruption)
+        except BaseException:
+            _close_quietly(self._sink)  # e.g. the SQLite connection of a sink URL
+            raise
         self._initial_checkpoint = self._log.checkpoint
         self._backlog_at_open = self._log.synced_seq - self._log.checkpoint.seq
         try:
@@ -324,9 +337,11 @@ class DurableBatcher:
 
     def _wait_for_room(self, nbytes: int) -> None:
         opts = self.options
+        # Count the frame header and a possible new segment's header too.
+        nbytes += FRAME_HEADER_SIZE + HEADER_SIZE
         if self._log.total_bytes + nbytes <= opts.max_log_bytes:
             return
-        if nbytes + HEADER_SIZE + FRAME_HEADER_SIZE > opts.max_log_bytes:
+        if nbytes > opts.max_log_bytes:
             raise LogFull(f"an item of {nbytes} bytes can never fit in max_log_bytes="
                           f"{opts.max_log_bytes}; nothing was written")
         deadline = time.monotonic() + opts.submit_timeout
@@ -355,6 +370,8 @@ class DurableBatcher:
         """
         if self._sink is None:
             raise Closed("this batcher has no sink (sink=None): it only writes the log")
+        if self._flusher.in_sink():
+            raise RuntimeError("flush() called from inside the sink would wait for itself")
         self._flusher.flush(self._log.synced_seq, timeout)
 
     def stats(self) -> Stats:
@@ -420,12 +437,7 @@ class DurableBatcher:
             self._closed.set()
         if self._aio_pool is not None:
             self._aio_pool.shutdown(wait=False)
-        close = getattr(self._sink, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:
-                log.exception("walbatch: sink.close() failed")
+        _close_quietly(self._sink)
         self.dead_letters.close()
         self._log.close()
 

@@ -418,6 +418,8 @@ class Flusher:
 
     def wait_seq(self, seq: int, timeout: float | None) -> None:
         """Block until ``seq`` is delivered; raise DeadLettered or TimeoutError."""
+        if self.in_sink():
+            raise RuntimeError("Receipt.wait() called from inside the sink would wait for itself")
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
             while not self._is_complete(seq):

@@ -302,6 +302,16 @@ class Log:
                            (expected, next_first - 1))
                 expected = next_first
             segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1)))
+        if segments and not readonly:
+            # A process that crashed (rather than lost power) may have left frames
+            # that were written but never fsync'd: valid in the page cache now,
+            # gone after a later power loss. Make them durable before trusting
+            # them, or a later recovery could hand their (delivered) seqs out again.
+            fh = fs.open_append(segments[-1].path)
+            try:
+                fh.sync()
+            finally:
+                fh.close()
         next_seq = max(expected, cp.seq + 1, *(s.last_seq + 1 for s in segments))
         lost = rec.finish()
         notes = [f.describe() for f in rec.findings]

@@ -83,7 +83,7 @@ def sink_from_url(url: str) -> Any:
         return FileSink(path)
     if ":" in url and "/" not in url.split(":", 1)[0] and scheme not in ("http", "https"):
         module, _, attr = url.partition(":")
-        if module and attr and all(p.isidentifier() for p in module.split(".")):
+        if module and attr.isidentifier() and all(p.isidentifier() for p in module.split(".")):
             fn = getattr(importlib.import_module(module), attr)
             return resolve_sink(fn)
     raise ValueError(

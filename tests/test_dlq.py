@@ -1,0 +1,207 @@
+"""The dead-letter store: where refused items go, how to list, requeue and purge them."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import msgpack
+import pytest
+
+from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogLocked, PermanentSinkError
+from walbatch.dlq import list_dead_letters, requeue
+
+FAST = {"max_delay": 0.01, "retry_initial_delay": 0.001, "retry_max_delay": 0.01,
+        "checkpoint_interval": 0.01}
+WAIT = 10.0
+
+
+class Picky:
+    """Refuses items marked ``{"bad": ...}`` for good while ``strict``; takes the rest."""
+
+    def __init__(self) -> None:
+        self.strict = True
+        self.lock = threading.Lock()
+        self.taken: list[tuple[int, object]] = []
+
+    def write(self, batch):
+        out: list[BaseException | None] = []
+        with self.lock:
+            for r in batch:
+                if self.strict and isinstance(r.item, dict) and "bad" in r.item:
+                    out.append(PermanentSinkError(f"rejected by schema: {r.item['bad']}"))
+                else:
+                    self.taken.append((r.seq, r.item))
+                    out.append(None)
+        return out
+
+    @property
+    def items(self) -> list[object]:
+        with self.lock:
+            return [i for _, i in self.taken]
+
+
+@pytest.fixture
+def logdir(tmp_path):
+    return tmp_path / "log"
+
+
+@pytest.fixture
+def make(logdir):
+    opened: list[DurableBatcher] = []
+
+    def _make(sink, **options) -> DurableBatcher:
+        b = DurableBatcher(logdir, sink, **{**FAST, **options})
+        opened.append(b)
+        return b
+
+    yield _make
+    for b in opened:
+        b.close(timeout=1)
+
+
+def dead_letter_three(b: DurableBatcher) -> list[int]:
+    """Submit 2 good and 3 bad items; return the bad ones' seqs once all are settled."""
+    receipts = b.submit_many([{"ok": 1}, {"bad": "a"}, {"ok": 2}, {"bad": "b"}, {"bad": "c"}])
+    b.flush(WAIT)
+    dead = []
+    for r in receipts:
+        try:
+            r.wait(WAIT)
+        except DeadLettered:
+            dead.append(r.seq)
+    return dead
+
+
+def test_dead_letters_land_in_dlq_db_with_error_text_and_type(make, logdir):
+    b = make(Picky())
+    assert dead_letter_three(b) == [2, 4, 5]
+    conn = sqlite3.connect(logdir / "dlq.db")
+    try:
+        rows = conn.execute(
+            "SELECT log_id, seq, item, error, error_type, attempts, lost FROM dead_letters ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [r[1] for r in rows] == [2, 4, 5]
+    assert {r[0] for r in rows} == {b.log_id}
+    assert [msgpack.unpackb(r[2]) for r in rows] == [{"bad": "a"}, {"bad": "b"}, {"bad": "c"}]
+    assert rows[0][3] == "PermanentSinkError: rejected by schema: a"
+    assert {r[4] for r in rows} == {"PermanentSinkError"}
+    assert {(r[5], r[6]) for r in rows} == {(1, 0)}
+
+
+def test_list_dead_letters_while_open_and_after_close(make, logdir):
+    b = make(Picky())
+    dead_letter_three(b)
+    listed = list_dead_letters(str(logdir))  # a second connection while the batcher runs
+    assert [(d.seq, d.item) for d in listed] == [(2, {"bad": "a"}), (4, {"bad": "b"}), (5, {"bad": "c"})]
+    assert all(d.log_id == b.log_id and not d.lost for d in listed)
+    assert "rejected by schema: b" in listed[1].error
+    assert [d.seq for d in b.dead_letters.list()] == [2, 4, 5]
+    assert b.dead_letters.count() == 3
+    b.close(timeout=WAIT)
+    assert [d.seq for d in list_dead_letters(str(logdir))] == [2, 4, 5]
+    assert [d.seq for d in list_dead_letters(str(logdir), limit=2)] == [2, 4]
+
+
+def test_list_dead_letters_of_a_directory_without_any_is_empty(tmp_path):
+    assert list_dead_letters(str(tmp_path / "nothing here")) == []
+
+
+def test_requeue_resubmits_with_new_seqs_and_removes_them(make):
+    sink = Picky()
+    b = make(sink)
+    dead = dead_letter_three(b)
+    sink.strict = False  # the schema was fixed
+    assert b.dead_letters.requeue(b) == 3
+    assert b.dead_letters.count() == 0
+    b.flush(WAIT)
+    requeued = [(s, i) for s, i in sink.taken if isinstance(i, dict) and "bad" in i]
+    assert [i for _, i in requeued] == [{"bad": "a"}, {"bad": "b"}, {"bad": "c"}]
+    assert all(s > max(dead) for s, _ in requeued)  # new seqs, after everything else
+    s = b.stats()
+    assert s.submitted == 8 and s.delivered == 5 and s.dead_lettered == 3 and s.pending == 0
+
+
+def test_requeue_of_chosen_seqs_only(make):
+    sink = Picky()
+    b = make(sink)
+    dead_letter_three(b)
+    sink.strict = False
+    assert b.dead_letters.requeue(b, seqs=[4]) == 1
+    assert [d.seq for d in b.dead_letters.list()] == [2, 5]
+    b.flush(WAIT)
+    assert sink.items.count({"bad": "b"}) == 1
+    assert {"bad": "a"} not in sink.items
+
+
+def test_requeue_with_nothing_to_requeue_submits_nothing(make):
+    b = make(Picky())
+    b.submit("x")
+    b.flush(WAIT)
+    assert b.dead_letters.requeue(b) == 0
+    assert b.stats().submitted == 1
+
+
+def test_requeue_skips_items_lost_to_corruption(make):
+    b = make(Picky())
+    b.dead_letters.add(b.log_id, [(7, None)], "lost to corruption in seg at offset 9", lost=True)
+    b.dead_letters.add(b.log_id, [(8, {"bad": "x"})], PermanentSinkError("nope"))
+    assert b.dead_letters.requeue(b) == 1
+    (left,) = b.dead_letters.list()
+    assert (left.seq, left.lost, left.item, left.error_type) == (7, True, None, "Lost")
+
+
+def test_recording_the_same_failure_twice_keeps_one_row(tmp_path):
+    store = DeadLetterStore(str(tmp_path / "dlq.db"))
+    try:
+        store.add("log", [(1, "a"), (2, "b")], ValueError("first"))
+        store.add("log", [(2, "b")], ValueError("second"), attempts=2)
+        rows = store.list()
+        assert [(d.seq, d.error, d.attempts) for d in rows] == [
+            (1, "ValueError: first", 1), (2, "ValueError: second", 2)]
+    finally:
+        store.close()
+
+
+def test_purge_all_or_chosen_seqs(make, logdir):
+    b = make(Picky())
+    dead_letter_three(b)
+    assert b.dead_letters.purge(seqs=[2, 5]) == 2
+    assert [d.seq for d in b.dead_letters.list()] == [4]
+    assert b.dead_letters.purge() == 1
+    assert b.dead_letters.count() == 0
+    assert list_dead_letters(str(logdir)) == []
+    assert b.dead_letters.purge() == 0
+
+
+def test_requeue_by_directory_puts_them_back_in_the_log_for_the_next_open(make, logdir):
+    b = make(Picky())
+    dead_letter_three(b)
+    with pytest.raises(LogLocked):  # the directory is in use
+        requeue(str(logdir))
+    b.close(timeout=WAIT)
+
+    assert requeue(str(logdir)) == 3
+    assert list_dead_letters(str(logdir)) == []
+
+    sink = Picky()
+    sink.strict = False
+    b2 = make(sink)
+    b2.flush(WAIT)
+    assert sink.items == [{"bad": "a"}, {"bad": "b"}, {"bad": "c"}]
+    assert [s for s, _ in sink.taken] == [6, 7, 8]
+    s = b2.stats()
+    assert (s.submitted, s.delivered, s.dead_lettered, s.pending) == (8, 5, 3, 0)
+
+
+def test_requeue_by_directory_with_a_sink_delivers_at_once(make, logdir):
+    b = make(Picky())
+    dead_letter_three(b)
+    b.close(timeout=WAIT)
+    sink = Picky()
+    sink.strict = False
+    assert requeue(str(logdir), sink=sink) == 3
+    assert sink.items == [{"bad": "a"}, {"bad": "b"}, {"bad": "c"}]
+    assert list_dead_letters(str(logdir)) == []
