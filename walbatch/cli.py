@@ -403,18 +403,27 @@ def _is_locked(data_dir: str) -> bool:
 @click.option("--dry-run", is_flag=True, help="Only read, decode and count what would be delivered.")
 @click.option("--timeout", default=None, type=click.FloatRange(min=0),
               help="Give up after this many seconds (what is left stays in the log).")
+@click.option("--follow", is_flag=True,
+              help="Keep running as a standalone flusher: deliver what a separate writer process "
+                   "(DurableBatcher(dir, None) or `submit --direct`) appends, until SIGTERM/SIGINT.")
 @batcher_options
-def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, **kwargs: Any) -> None:
+def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follow: bool,
+           **kwargs: Any) -> None:
     """Deliver everything after the checkpoint to a sink, without the daemon.
 
     The recovery command: it opens the log (the daemon must be stopped), delivers
     the backlog with a progress bar, advances the checkpoint and exits. --dry-run
     counts and checks the backlog without delivering or changing anything.
+    --follow keeps delivering what a separate writer process appends.
 
     \b
     Example:
         walbatch replay --data-dir /var/lib/walbatch --sink "sqlite:///events.db?table=events"
+        walbatch replay --data-dir /var/lib/walbatch --sink file:///var/log/events.jsonl --follow
     """
+    if follow:
+        _follow(data_dir, sink, _options_from(kwargs))
+        return
     if dry_run:
         log_ = _open_readonly(data_dir)
         try:
@@ -480,6 +489,35 @@ def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, **kwa
                f"in {elapsed:.2f}s; checkpoint {end.last_checkpoint}")
     if failure:
         raise _fail(failure[0])
+
+
+def _follow(data_dir: str, sink: str, opts: dict[str, Any]) -> None:
+    from .follow import Follower
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    try:
+        follower = Follower(data_dir, sink, **opts)
+    except (WalbatchError, ValueError, TypeError, ImportError, OSError) as ex:
+        raise _fail(ex) from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    follower.start()
+    click.echo(f"following {follower.log.directory} (log {follower.log.log_id}); "
+               "SIGTERM or Ctrl-C stops", err=True)
+    last = None
+    while not stop.wait(5.0):
+        s = follower.stats()
+        now = (s.delivered, s.dead_lettered, s.pending)
+        if now != last:
+            click.echo(f"delivered={s.delivered} dead_lettered={s.dead_lettered} "
+                       f"pending={s.pending} checkpoint={s.last_checkpoint}", err=True)
+            last = now
+    follower.close(follower.options.close_timeout)
+    s = follower.stats()
+    click.echo(f"stopped: delivered={s.delivered} dead_lettered={s.dead_lettered} "
+               f"pending={s.pending} checkpoint={s.last_checkpoint}")
 
 
 @cli.command()

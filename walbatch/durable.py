@@ -172,6 +172,35 @@ class Stats:
     lost_to_corruption: int = 0
 
 
+def collect_stats(log_: Log, f: Flusher, commit_groups: int) -> Stats:
+    """A consistent Stats snapshot of a log and the flusher delivering it."""
+    with f._cv:
+        delivered = f.delivered_total + f.delivered_above
+        dead = f.dead_total + f.dead_above
+        completed_above = f.delivered_above + f.dead_above
+        done = f.done_through
+        by_reason = dict(f.batches_by_reason)
+        retries, last_error, cp = f.retries, f.last_error, f.persisted.seq
+    submitted = max(log_.synced_seq, done)
+    segs = log_.segments()
+    return Stats(
+        log_id=str(log_.log_id),
+        submitted=submitted,
+        delivered=delivered,
+        dead_lettered=dead,
+        pending=submitted - done - completed_above,
+        batches_by_reason=by_reason,
+        log_bytes=sum(s.size for s in segs),
+        segments=len(segs),
+        fsyncs=log_.fsyncs,
+        commit_groups=commit_groups,
+        last_checkpoint=cp,
+        retries=retries,
+        last_error=last_error,
+        lost_to_corruption=sum(r.last - r.first + 1 for r in log_.lost),
+    )
+
+
 class DurableBatcher:
     """Acknowledge items only once fsync'd; batch them to ``sink``; replay on open.
 
@@ -194,7 +223,8 @@ class DurableBatcher:
         self._sink = None if sink is None else resolve_sink(sink)
         try:
             self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,
-                                 on_corruption=opts.on_corruption)
+                                 on_corruption=opts.on_corruption,
+                                 role="owner" if self._sink is not None else "writer")
         except BaseException:
             _close_quietly(self._sink)  # e.g. the SQLite connection of a sink URL
             raise
@@ -347,6 +377,10 @@ class DurableBatcher:
         deadline = time.monotonic() + opts.submit_timeout
         with self._room:
             while self._log.total_bytes + nbytes > opts.max_log_bytes:
+                if self._sink is None:
+                    self._log.reconcile()  # a follower may have delivered and deleted segments
+                    if self._log.total_bytes + nbytes <= opts.max_log_bytes:
+                        break
                 if self._closing:
                     raise Closed("the batcher is closed; the item was not written")
                 left = deadline - time.monotonic()
@@ -375,32 +409,7 @@ class DurableBatcher:
         self._flusher.flush(self._log.synced_seq, timeout)
 
     def stats(self) -> Stats:
-        f = self._flusher
-        with f._cv:
-            delivered = f.delivered_total + f.delivered_above
-            dead = f.dead_total + f.dead_above
-            completed_above = f.delivered_above + f.dead_above
-            done = f.done_through
-            by_reason = dict(f.batches_by_reason)
-            retries, last_error, cp = f.retries, f.last_error, f.persisted.seq
-        submitted = max(self._log.synced_seq, done)
-        segs = self._log.segments()
-        return Stats(
-            log_id=self.log_id,
-            submitted=submitted,
-            delivered=delivered,
-            dead_lettered=dead,
-            pending=submitted - done - completed_above,
-            batches_by_reason=by_reason,
-            log_bytes=sum(s.size for s in segs),
-            segments=len(segs),
-            fsyncs=self._log.fsyncs,
-            commit_groups=self._committer.groups,
-            last_checkpoint=cp,
-            retries=retries,
-            last_error=last_error,
-            lost_to_corruption=sum(r.last - r.first + 1 for r in self._log.lost),
-        )
+        return collect_stats(self._log, self._flusher, self._committer.groups)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, deliver what can be delivered within ``timeout``, close.

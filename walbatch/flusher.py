@@ -42,7 +42,8 @@ class _Abandoned(Exception):
 
 
 class Flusher:
-    def __init__(self, log_: Log, sink: Any, dlq: DeadLetterStore, opts: Options) -> None:
+    def __init__(self, log_: Log, sink: Any, dlq: DeadLetterStore, opts: Options,
+                 follow: bool = False) -> None:
         self.log = log_
         self.sink = sink
         self.dlq = dlq
@@ -54,7 +55,9 @@ class Flusher:
         self._tail: deque[RawFrame] = deque()
         self._tail_bytes = 0
         self._tail_next = log_.next_seq  # the seq the next tail frame must start at
-        self._tail_ok = True
+        self._tail_ok = not follow
+        self._follow = follow
+        """Another process writes the log: always read it from disk (walbatch replay --follow)."""
         self._waiting = False
         self._read_seq = log_.checkpoint.seq + 1  # flusher thread only
         self._replay_end = log_.synced_seq  # records <= this were found at open
@@ -122,7 +125,7 @@ class Flusher:
         frames = self._reader.read()
         if not frames:
             with self._cv:
-                if not self._tail_ok and self._read_seq > self.log.synced_seq:
+                if not self._tail_ok and not self._follow and self._read_seq > self.log.synced_seq:
                     # Caught up with the disk: new frames may go to memory again.
                     self._tail_ok = True
                     self._tail_next = self._read_seq
@@ -468,6 +471,11 @@ class Flusher:
                     self._cv.wait(0.5 if left is None else min(left, 0.5))
             finally:
                 self._flush_waiters -= 1
+
+    def wake(self) -> None:
+        """New data may be in the log (follow mode): look again."""
+        with self._cv:
+            self._cv.notify_all()
 
     def stop(self, deadline: float) -> None:
         with self._cv:

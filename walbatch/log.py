@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from crc32c import crc32c
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from .errors import CorruptLog, LogFailed, LogLocked, LogWriteError
@@ -46,6 +49,10 @@ log = logging.getLogger("walbatch")
 SEGMENTS_DIR = "segments"
 CHECKPOINT_FILE = "checkpoint"
 LOCK_FILE = "LOCK"
+FLUSH_LOCK_FILE = "FLUSH.LOCK"
+SYNCED_FILE = "synced"
+_MARKER = struct.Struct("<IQQQ")
+_MARKER_MAGIC = 0x53594E43  # "SYNC"
 QUARANTINE_DIR = "quarantine"
 QUARANTINE_REPORT = "report.jsonl"
 
@@ -117,6 +124,8 @@ class Log:
         self.findings = findings or []
         """Everything recovery found: torn tails, damage, ignored damage."""
         self.readonly = readonly
+        self.role = "reader" if readonly else "owner"
+        self._marker_fd = -1
         self.fsyncs = 0
         self._segments = segments
         self.total_bytes = sum(s.size for s in segments)
@@ -139,6 +148,7 @@ class Log:
         segment_bytes: int = 64 << 20,
         on_corruption: str = "raise",
         readonly: bool = False,
+        role: str = "owner",
     ) -> Log:
         """Open (creating if needed) the log in ``directory`` and recover it.
 
@@ -152,7 +162,17 @@ class Log:
         ``readonly=True`` takes no lock and changes nothing on disk (for
         ``walbatch verify``, ``status`` and ``dump``, which may run beside a
         live writer); the log can then only be read.
+
+        ``role`` splits the log between two processes (``walbatch replay
+        --follow``): ``"owner"`` (the default) writes and delivers and holds
+        both ``LOCK`` and ``FLUSH.LOCK``; ``"writer"`` appends only, holds
+        ``LOCK`` and publishes its last synced position in ``<dir>/synced``
+        after every sync; ``"flusher"`` holds ``FLUSH.LOCK``, changes no segment,
+        reads only up to the published position (``refresh()``), and may write
+        the checkpoint and delete covered sealed segments.
         """
+        if role not in ("owner", "writer", "flusher"):
+            raise ValueError(f"role must be 'owner', 'writer' or 'flusher', not {role!r}")
         if on_corruption not in ("raise", "quarantine", "report"):
             raise ValueError(
                 f"on_corruption must be 'raise', 'quarantine' or 'report', not {on_corruption!r}")
@@ -166,22 +186,37 @@ class Log:
                 raise FileNotFoundError(f"{directory} is not a walbatch log directory "
                                         "(no checkpoint and no segments)")
             return cls._recover(directory, fs, _NoLock(), segment_bytes, on_corruption, True)
+        if role == "flusher" and not fs.exists(os.path.join(directory, CHECKPOINT_FILE)):
+            raise FileNotFoundError(f"{directory} is not a walbatch log directory (no checkpoint)")
         created = not fs.exists(directory)
         fs.makedirs(directory)
         if created:
             fs.fsync_dir(os.path.dirname(directory))
+        locks = _Locks()
         try:
-            lock = fs.lock(os.path.join(directory, LOCK_FILE))
-        except BlockingIOError:
-            raise LogLocked(
-                f"failed to lock {directory}: is another process (or another open "
-                "DurableBatcher) using this directory?"
-            ) from None
-        try:
-            return cls._recover(directory, fs, lock, segment_bytes, on_corruption, False)
+            if role in ("owner", "writer"):
+                locks.take(fs, os.path.join(directory, LOCK_FILE),
+                           f"failed to lock {directory}: is another process (or another open "
+                           "DurableBatcher) writing to this directory?")
+            if role in ("owner", "flusher"):
+                locks.take(fs, os.path.join(directory, FLUSH_LOCK_FILE),
+                           f"failed to lock {directory} for delivery: is another process "
+                           "(a DurableBatcher with a sink, walbatch serve or walbatch replay) "
+                           "delivering this log?")
+            log_ = cls._recover(directory, fs, locks, segment_bytes, on_corruption,
+                                role == "flusher")
         except BaseException:
-            lock.release()  # type: ignore[attr-defined]
+            locks.release()
             raise
+        log_.role = role
+        if role == "writer":
+            log_._publish()
+        elif role == "flusher":
+            log_.readonly = False  # may checkpoint; _check_usable still refuses appends
+            # Trust only what the writer says is synced, not what happens to be on disk.
+            log_.synced_seq = log_.next_seq = log_.checkpoint.seq
+            log_.refresh()
+        return log_
 
     @classmethod
     def _recover(
@@ -321,8 +356,8 @@ class Log:
     # ----------------------------------------------------------------- write
 
     def _check_usable(self) -> None:
-        if self.readonly:
-            raise LogFailed(f"the log in {self.directory} was opened read-only")
+        if self.readonly or self.role == "flusher":
+            raise LogFailed(f"the log in {self.directory} was opened for reading only")
         if self._failed is not None:
             raise LogFailed(
                 f"the log in {self.directory} failed ({self._failed}) and refuses writes "
@@ -369,6 +404,78 @@ class Log:
             seg.size = self._active_size
             seg.last_seq = self.next_seq - 1
             self.synced_seq = self.next_seq - 1
+        if self.role == "writer":
+            self._publish()
+
+    # ------------------------------------------------- writer/flusher split
+
+    def _publish(self) -> None:
+        """Tell a follower how far the log is durable (writer role).
+
+        Written after the fsync it describes, never fsync'd itself: a lost or
+        stale update only makes a follower wait, it never shows it unsynced data.
+        Only on the real file system (the simulator has no second process).
+        """
+        if not isinstance(self.fs, OsFileSystem):
+            return
+        if self._marker_fd < 0:
+            self._marker_fd = os.open(os.path.join(self.directory, SYNCED_FILE),
+                                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with self._lock:
+            seg = self._segments[-1] if self._segments else None
+            body = _MARKER.pack(_MARKER_MAGIC, self.synced_seq, seg.first_seq if seg else 0,
+                                seg.size if seg else 0)
+        os.pwrite(self._marker_fd, body + struct.pack("<I", crc32c(body)), 0)
+
+    def read_marker(self) -> tuple[int, int, int] | None:
+        """The writer's published ``(synced_seq, segment first_seq, end offset)``."""
+        try:
+            data = self.fs.read_file(os.path.join(self.directory, SYNCED_FILE))
+        except FileNotFoundError:
+            return None
+        if len(data) != _MARKER.size + 4 or struct.unpack_from("<I", data, _MARKER.size)[0] != crc32c(
+                data[:_MARKER.size]):
+            return None
+        magic, seq, seg_first, end = _MARKER.unpack_from(data)
+        return (seq, seg_first, end) if magic == _MARKER_MAGIC else None
+
+    def refresh(self) -> bool:
+        """Flusher role: pick up the writer's new segments and durable end; True if it moved."""
+        marker = self.read_marker()
+        if marker is None:
+            return False
+        seq, seg_first, end = marker
+        if seq <= self.synced_seq:
+            return False
+        names = sorted(first for name in self.fs.listdir(self.segdir)
+                       if (first := parse_segment_name(name)) is not None)
+        with self._lock:
+            segs = []
+            for i, first in enumerate(names):
+                if first > seg_first:
+                    break
+                path = os.path.join(self.segdir, segment_name(first))
+                if first == seg_first:
+                    size, last = end, seq
+                else:
+                    # Sealed: complete and synced before the writer rolled past it.
+                    size = os.path.getsize(path) if isinstance(self.fs, OsFileSystem) else len(
+                        self.fs.read_file(path))
+                    last = names[i + 1] - 1
+                segs.append(SegmentInfo(first, path, size, last))
+            self._segments = segs
+            self.total_bytes = sum(s.size for s in segs)
+            self.synced_seq = seq
+            self.next_seq = seq + 1
+        return True
+
+    def reconcile(self) -> None:
+        """Writer role: forget sealed segments a follower has delivered and deleted."""
+        with self._lock:
+            gone = [s for s in self._segments[:-1] if not self.fs.exists(s.path)]
+            if gone:
+                self._segments = [s for s in self._segments if s not in gone]
+                self.total_bytes -= sum(s.size for s in gone)
 
     def _undo_write(self, before: int, ex: OSError) -> None:
         assert self._fh is not None
@@ -438,9 +545,9 @@ class Log:
 
     def commit_checkpoint(self, cp: Checkpoint) -> None:
         """Make ``cp`` durable, then delete the segments it covers entirely."""
-        if self._closed or self.readonly:
+        if self._closed or self.readonly or self.role == "writer":
             # A flusher outliving close() must not touch a directory it no longer locks.
-            raise LogFailed(f"the log in {self.directory} is closed or read-only")
+            raise LogFailed(f"the log in {self.directory} is closed, read-only or write-only")
         if cp.seq < self.checkpoint.seq:
             raise ValueError(f"checkpoint may not move back from {self.checkpoint.seq} to {cp.seq}")
         if cp == self.checkpoint:
@@ -461,7 +568,10 @@ class Log:
                 doomed.append(self._segments.pop(0))
             self.total_bytes -= sum(s.size for s in doomed)
         for seg in doomed:
-            self.fs.unlink(seg.path)
+            try:
+                self.fs.unlink(seg.path)
+            except FileNotFoundError:
+                pass  # a writer's recovery got there first (split roles)
         if doomed:
             self.fs.fsync_dir(self.segdir)
 
@@ -528,6 +638,9 @@ class Log:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._marker_fd >= 0:
+            os.close(self._marker_fd)
+            self._marker_fd = -1
         self._filelock.release()  # type: ignore[attr-defined]
 
 
@@ -680,6 +793,23 @@ _ACTIONS = {
 class _NoLock:
     def release(self) -> None:
         pass
+
+
+class _Locks:
+    """The file locks a role holds, released together."""
+
+    def __init__(self) -> None:
+        self.held: list[object] = []
+
+    def take(self, fs: FileSystem, path: str, message: str) -> None:
+        try:
+            self.held.append(fs.lock(path))
+        except BlockingIOError:
+            raise LogLocked(message) from None
+
+    def release(self) -> None:
+        while self.held:
+            self.held.pop().release()  # type: ignore[attr-defined]
 
 
 class _EmptySegments:
