@@ -4,6 +4,7 @@ Submit items one at a time; each is fsync'd to an append-only segment log before
 ``submit`` returns, batched to a sink, and replayed after a crash.
 """
 
+from .client import AsyncClient, Client
 from .dlq import DeadLetter, DeadLetterStore
 from .durable import DurableBatcher, Receipt, Receipts, Stats
 from .errors import (
@@ -24,7 +25,9 @@ from .record import Batch, Record
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "Batch",
+    "Client",
     "Closed",
     "CorruptLog",
     "DeadLetter",
