@@ -235,6 +235,15 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
 
 
+def _require_log_dir(data_dir: str) -> None:
+    """Refuse a directory that holds no log (a mistyped --data-dir must not become a new one)."""
+    from .log import CHECKPOINT_FILE, SEGMENTS_DIR
+
+    if not any(os.path.exists(os.path.join(data_dir, n)) for n in (CHECKPOINT_FILE, SEGMENTS_DIR)):
+        raise click.ClickException(f"{os.path.abspath(data_dir)} is not a walbatch log directory "
+                                   "(no checkpoint and no segments)")
+
+
 def _open_readonly(data_dir: str) -> Log:
     try:
         return Log.open(data_dir, readonly=True, on_corruption="report")
@@ -667,6 +676,7 @@ def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -
     """
     from .dlq import DeadLetterStore, requeue
 
+    _require_log_dir(data_dir)
     sock = socket_path or os.path.join(data_dir, "walbatch.sock")
     try:
         if _is_locked(data_dir):
@@ -703,6 +713,7 @@ def dlq_purge(data_dir: str, seqs: tuple[int, ...], yes: bool) -> None:
     """
     from .dlq import DeadLetterStore
 
+    _require_log_dir(data_dir)
     what = f"{len(seqs)} dead letter(s)" if seqs else "ALL dead letters"
     if not yes:
         click.confirm(f"Delete {what} in {data_dir}?", abort=True)

@@ -78,6 +78,15 @@ _BY_CODE: dict[str, type[RemoteError]] = {
 }
 
 
+# Codes after which the daemon closes the connection (docs/protocol.md): the client drops it
+# before handing out the answer, so the next call reconnects instead of writing into a dead socket.
+_CLOSING_CODES = (protocol.TOO_LARGE, protocol.FORBIDDEN)
+
+
+def _closes(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("code") in _CLOSING_CODES
+
+
 def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
     if resp.get("ok"):
         return resp
@@ -151,6 +160,9 @@ class Client:
             self._pending.append((rid, fut))
             try:
                 sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon closed the connection: the reader thread hands out what it
+                #       answered before closing (e.g. forbidden), then fails the rest
             except OSError as ex:
                 self._broken(sock, ex)
         return fut
@@ -196,6 +208,11 @@ class Client:
                     if isinstance(value, dict) and value.get("id") not in (rid, None):
                         raise DaemonUnavailable(f"answer for id {value.get('id')!r} arrived "
                                                 f"while waiting for {rid!r}")
+                    if _closes(value):
+                        with self._lock:
+                            self._broken(sock, None)
+                        fut.set_result(value)
+                        return
                     fut.set_result(value if isinstance(value, dict) else
                                    protocol.error(rid, protocol.INTERNAL, "malformed answer"))
         except (OSError, WalbatchError, protocol.ProtocolError) as ex:
@@ -312,6 +329,11 @@ class AsyncClient:
                     if not self._pending:
                         raise DaemonUnavailable("the daemon sent an answer nobody asked for")
                     _rid, fut = self._pending.popleft()
+                    if _closes(value):
+                        self._broken(writer, None)
+                        if not fut.done():
+                            fut.set_result(value)
+                        return
                     if not fut.done():
                         fut.set_result(value if isinstance(value, dict) else
                                        protocol.error(_rid, protocol.INTERNAL, "malformed answer"))

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import sqlite_utils
 
+from .errors import CorruptLog
+
 if TYPE_CHECKING:
     from .durable import DurableBatcher
     from .log import Log
@@ -50,16 +52,22 @@ class DeadLetterStore:
         self.path = path
         self._lock = threading.Lock()
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        self.db = sqlite_utils.Database(conn)
-        if TABLE not in self.db.table_names():
-            self.db[TABLE].create(
-                {"log_id": str, "seq": int, "item": bytes, "error": str, "error_type": str,
-                 "failed_at": float, "attempts": int, "lost": int},
-                pk=("log_id", "seq"),
-            )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self.db = sqlite_utils.Database(conn)
+            if TABLE not in self.db.table_names():
+                self.db[TABLE].create(
+                    {"log_id": str, "seq": int, "item": bytes, "error": str, "error_type": str,
+                     "failed_at": float, "attempts": int, "lost": int},
+                    pk=("log_id", "seq"),
+                )
+            conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
+        except sqlite3.DatabaseError as ex:
+            conn.close()
+            raise CorruptLog(path, 0, f"the dead-letter store is damaged ({ex}); move it aside "
+                             "(the log itself is intact) and sqlite3's .recover may salvage it") from ex
 
     @classmethod
     def for_dir(cls, data_dir: str) -> DeadLetterStore:
@@ -134,10 +142,18 @@ def record_lost(store: DeadLetterStore, log: Log) -> int:
     n = 0
     for r in log.lost:
         seqs = range(max(r.first, log.checkpoint.seq + 1), r.last + 1)
-        n += store.add(str(log.log_id), [(s, None) for s in seqs],
-                       f"lost to corruption in {r.path} at offset {r.offset}: {r.reason} "
-                       "(bytes kept in quarantine/)", lost=True)
+        why = (f"lost to corruption in {r.path} at offset {r.offset}: {r.reason} "
+               "(bytes kept in quarantine/)")
+        if len(seqs) > _MAX_LOST_ROWS:
+            # One row stands for the whole range rather than millions of placeholders.
+            n += store.add(str(log.log_id), [(seqs[0], None)],
+                           f"seqs {seqs[0]}..{seqs[-1]} {why}", lost=True)
+        else:
+            n += store.add(str(log.log_id), [(s, None) for s in seqs], why, lost=True)
     return n
+
+
+_MAX_LOST_ROWS = 10_000
 
 
 def _row(r: dict[str, Any]) -> DeadLetter:

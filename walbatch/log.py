@@ -36,6 +36,7 @@ from .framing import (
     FRAME_HEADER_SIZE,
     HEADER_SIZE,
     Frame,
+    decode_header,
     decode_items,
     encode_frame_header,
     encode_header,
@@ -68,6 +69,8 @@ class SegmentInfo:
     """Durable size: bytes up to the last successful sync."""
     last_seq: int
     """Last durable seq in the segment (``first_seq - 1`` while it is empty)."""
+    sealed: bool = False
+    """Never append here again (its header is damaged): the next append rolls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,12 +239,16 @@ class Log:
             if (first := parse_segment_name(name)) is not None
         )
         cp_path = os.path.join(directory, CHECKPOINT_FILE)
-        if fs.exists(cp_path):
-            cp = read_checkpoint(fs, cp_path)
-        elif names:
-            raise CorruptLog(
-                cp_path, 0, "checkpoint file is missing but segments exist (was it deleted?)"
-            )
+        if fs.exists(cp_path) or names:
+            try:
+                if not fs.exists(cp_path):
+                    raise CorruptLog(
+                        cp_path, 0, "checkpoint file is missing but segments exist (was it deleted?)")
+                cp = read_checkpoint(fs, cp_path)
+            except CorruptLog as ex:
+                if on_corruption != "quarantine" or readonly:
+                    raise
+                cp = _rebuild_checkpoint(fs, directory, segdir, names, ex)
         else:
             cp = Checkpoint(uuid.uuid4())
             write_checkpoint(fs, cp_path, cp)
@@ -286,6 +293,7 @@ class Log:
             last_seq = max(first, expected) - 1
             prev_last = first - 1  # last seq of the previous valid frame in this segment
             pending_damage: Damage | None = None
+            damaged_last = False
             for _off, piece in pieces:
                 if isinstance(piece, Damage):
                     pending_damage = piece
@@ -315,11 +323,20 @@ class Log:
                 # A bad header with no valid frame after it: the whole file is damage.
                 # (Not a torn create: that leaves at most HEADER_SIZE bytes, handled above.)
                 d = pending_damage
-                lost_to = next_first - 1 if next_first is not None else None
-                seqs = (expected, lost_to) if lost_to is not None and lost_to >= expected else None
-                rec.damage(path, d.offset, d.end - d.offset, d.reason, seqs, data[d.offset:d.end])
+                reason = d.reason
+                if next_first is not None:
+                    lost_to = next_first - 1
+                else:
+                    # The last segment, destroyed: nothing says how many records it held.
+                    # Each item takes at least one byte, so this many seqs at most; skip
+                    # them all rather than hand out a seq that may have been delivered.
+                    lost_to = expected - 1 + max(1, len(data) - HEADER_SIZE - FRAME_HEADER_SIZE)
+                    reason += " (no frame header survived: an upper bound of the seqs it held)"
+                seqs = (expected, lost_to) if lost_to >= expected else None
+                rec.damage(path, d.offset, d.end - d.offset, reason, seqs, data[d.offset:d.end])
                 if seqs:
                     expected = seqs[1] + 1
+                damaged_last = is_last
             size = len(data)
             if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
                 if is_last:
@@ -336,7 +353,8 @@ class Log:
                 rec.damage(path, size, 0, f"records {expected}..{next_first - 1} are missing",
                            (expected, next_first - 1))
                 expected = next_first
-            segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1)))
+            segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1),
+                                        sealed=damaged_last or bool(scan.header_error)))
         if segments and not readonly:
             # A process that crashed (rather than lost power) may have left frames
             # that were written but never fsync'd: valid in the page cache now,
@@ -494,7 +512,7 @@ class Log:
         """Seal the active segment and start a new one named by ``next_seq``."""
         if self._fh is None and self._segments:
             last = self._segments[-1]
-            if last.size < self.segment_bytes:
+            if last.size < self.segment_bytes and not last.sealed:
                 try:
                     self._fh = self.fs.open_append(last.path)
                 except OSError as ex:
@@ -579,7 +597,7 @@ class Log:
 
     def segments(self) -> list[SegmentInfo]:
         with self._lock:
-            return [SegmentInfo(s.first_seq, s.path, s.size, s.last_seq) for s in self._segments]
+            return [SegmentInfo(s.first_seq, s.path, s.size, s.last_seq, s.sealed) for s in self._segments]
 
     @property
     def bytes(self) -> int:
@@ -713,6 +731,9 @@ class LogReader:
                 self._switch_to(later[0])
                 continue
             frame = self._frame_at(self._offset, seg)
+            if frame is None:
+                self._offset = seg.size
+                continue
             if frame.last_seq >= self.next_seq:
                 if frame.first_seq > self.next_seq:
                     raise CorruptLog(seg.path, frame.offset,
@@ -727,8 +748,11 @@ class LogReader:
             self._offset = frame.end
         return out
 
-    def _frame_at(self, offset: int, seg: SegmentInfo) -> Frame:
-        """The valid frame at ``offset`` (absolute), stepping over allowed damage."""
+    def _frame_at(self, offset: int, seg: SegmentInfo) -> Frame | None:
+        """The valid frame at ``offset`` (absolute), stepping over allowed damage.
+
+        None: only allowed damage is left in this segment; go on to the next one.
+        """
         head = self._get(offset, min(FRAME_HEADER_SIZE, seg.size - offset), seg.size)
         found: Frame | str = BAD
         if len(head) == FRAME_HEADER_SIZE:
@@ -746,6 +770,12 @@ class LogReader:
                 return Frame(offset + nxt.offset, offset + nxt.end, nxt.first_seq, nxt.count)
             raise CorruptLog(seg.path, offset, "invalid frame (bad marker, length or checksum)",
                              hidden)
+        later = [s for s in self.log.segments() if s.first_seq > seg.first_seq]
+        if later:
+            hidden = (self.next_seq, later[0].first_seq - 1)
+            lost = self._lost_at(self.next_seq)
+            if hidden[1] < hidden[0] or (lost is not None and lost.last >= hidden[1]):
+                return None  # damage at the end of a sealed segment hides no undelivered record
         raise CorruptLog(seg.path, offset, "invalid frame (bad marker, length or checksum)",
                          (self.next_seq, seg.last_seq) if seg.last_seq >= self.next_seq else None)
 
@@ -788,6 +818,35 @@ _ACTIONS = {
     "quarantined": "quarantined damaged range",
     "corrupt": "CORRUPT",
 }
+
+
+def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
+                        names: list[tuple[int, str]], cause: CorruptLog) -> Checkpoint:
+    """Quarantine repair of a damaged or missing checkpoint: assume nothing was delivered.
+
+    Everything still in the log is delivered again (an idempotent sink drops the
+    duplicates); the running totals restart from zero. The log id comes from the
+    first segment header that is intact.
+    """
+    log_id = None
+    for _first, name in names:
+        found, _why = decode_header(fs.read_file(os.path.join(segdir, name))[:HEADER_SIZE])
+        if found is not None:
+            log_id = found
+            break
+    if log_id is None:
+        raise CorruptLog(cause.path, cause.offset,
+                         f"{cause.reason}, and no segment header names the log id to rebuild it")
+    cp = Checkpoint(log_id, names[0][0] - 1 if names else 0)
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    qdir = os.path.join(directory, QUARANTINE_DIR)
+    fs.makedirs(qdir)
+    if fs.exists(path):
+        fs.write_file(os.path.join(qdir, f"checkpoint@{int(time.time())}.bad"), fs.read_file(path))
+    write_checkpoint(fs, path, cp)
+    log.error("walbatch recovery: rebuilt %s (%s): everything from seq %d on is delivered "
+              "again", path, cause.reason, cp.seq + 1)
+    return cp
 
 
 class _NoLock:
@@ -869,7 +928,9 @@ class _Recovery:
             finally:
                 fh.close()
             action = "trimmed"
-        finding = Finding(path, offset, length, reason + "; nothing in it was acknowledged", None, action)
+        finding = Finding(path, offset, length, reason + "; a write cut short by a crash, which "
+                          "was never acknowledged (or damage to the newest records: see "
+                          "docs/guarantees.md)", None, action)
         self.findings.append(finding)
         if not self.readonly:
             log.warning("walbatch recovery: %s", finding.describe())

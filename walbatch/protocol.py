@@ -52,6 +52,9 @@ class ProtocolError(Exception):
         self.message = message
         self.fatal = fatal
         self.request_id = request_id
+        self.frames: list[tuple[Any, int]] = []
+        """For a fatal error from ``FrameDecoder.feed``: the frames completed before it,
+        which are still to be served (each request is answered exactly once)."""
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -82,11 +85,13 @@ class FrameDecoder:
             (n,) = _LEN.unpack_from(buf, pos)
             if n == 0 or n > self.max_frame:
                 del buf[:pos]
-                raise ProtocolError(
-                    TOO_LARGE if n else BAD_FRAME,
+                err = ProtocolError(
+                    TOO_LARGE,  # docs/protocol.md: also for a length of 0
                     f"frame length {n} is not within 1..{self.max_frame} bytes",
                     fatal=True,
                 )
+                err.frames = out
+                raise err
             if len(buf) - pos - 4 < n:
                 break
             body = bytes(buf[pos + 4 : pos + 4 + n])
@@ -150,7 +155,7 @@ def parse_request(msg: Any) -> Request:
     if op == "flush":
         timeout = msg.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or timeout < 0):
+                                    or not timeout >= 0):  # also refuses NaN
             raise ProtocolError(BAD_REQUEST, "flush 'timeout' must be a non-negative number",
                                 request_id=rid)
         return Request(rid, op, timeout=None if timeout is None else float(timeout))

@@ -282,11 +282,11 @@ class _Connection:
                 return
             if not data:
                 return  # a frame cut off by the disconnect was never acknowledged
+            fatal: ProtocolError | None = None
             try:
                 frames = decoder.feed(data)
             except ProtocolError as ex:  # the stream cannot be trusted any more
-                self.queue.put_nowait((_done(protocol.error(None, ex.code, ex.message)), 0))
-                return
+                frames, fatal = ex.frames, ex  # but the requests before the bad length are served
             for msg, size in frames:
                 def has_room(size: int = size) -> bool:
                     return self.pending < opts.max_pending and (
@@ -297,6 +297,9 @@ class _Connection:
                     self.pending += 1
                     self.pending_bytes += size
                 self.queue.put_nowait((self.server.start_request(msg), size))
+            if fatal is not None:
+                self.queue.put_nowait((_done(protocol.error(None, fatal.code, fatal.message)), 0))
+                return
 
     async def _send(self) -> None:
         writer = self.writer

@@ -57,6 +57,9 @@ class _Handle:
             self._check("write")
             for b in bufs:
                 self.inode.data += bytes(b)
+            # A power loss "during" a write: the bytes are in the unsynced area,
+            # and crash() keeps none, a prefix, or garbage of them.
+            self.fs._tick("write")
 
     def sync(self) -> None:
         with self.fs._mu:
@@ -106,6 +109,7 @@ class SimFileSystem:
         self.crashes = 0
         self._locks: set[str] = set()
         self._faults: list[tuple[str, int, str]] = []
+        self._crash_at: tuple[int, random.Random, str] | None = None
 
     # ---------------------------------------------------------------- faults
 
@@ -115,7 +119,31 @@ class SimFileSystem:
         with self._mu:
             self._faults.extend([(op, err, path_contains)] * times)
 
+    def crash_after(self, ops: int, rng: random.Random, torn: str = "random") -> None:
+        """Simulate a power loss at the ``ops``-th mutating operation from now.
+
+        Counted: write (the crash comes right after its bytes land, unsynced),
+        sync, truncate, create, write_file, rename, unlink, fsync_dir (the crash
+        comes before these take effect). The operation that hits it raises EIO,
+        as every later one of the dead "process" does.
+        """
+        with self._mu:
+            self._crash_at = (ops, rng, torn)
+
+    def _tick(self, op: str) -> None:
+        if self._crash_at is None or op in ("read", "size"):
+            return
+        left, rng, torn = self._crash_at
+        if left > 1:
+            self._crash_at = (left - 1, rng, torn)
+            return
+        self._crash_at = None
+        self.crash(rng, torn)
+        raise _Dead()
+
     def _maybe_fail(self, op: str, path: str) -> None:
+        if op != "write":
+            self._tick(op)
         for i, (fop, err, part) in enumerate(self._faults):
             if fop == op and part in path:
                 del self._faults[i]
