@@ -60,6 +60,30 @@ class BatchPolicy(Generic[T]):
             out.append(self._close("bytes"))
         return out
 
+    def add_bulk(self, items: list[T], nbytes: int, now: float) -> list[ClosedBatch[T]]:
+        """Add several items at once (at most an upper bound of ``nbytes`` in all).
+
+        The caller guarantees they fit: ``len(self) + len(items) <= max_items``
+        and ``bytes + nbytes <= max_bytes``, unless the batch is empty. Returns
+        the batch this closes, if it is now full.
+        """
+        if not items:
+            return []
+        if not self._items:
+            self._started = now
+        self._items.extend(items)
+        self._bytes += nbytes
+        if len(self._items) >= self.max_items:
+            return [self._close("size")]
+        if self._bytes >= self.max_bytes:
+            return [self._close("bytes")]
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        """Encoded bytes in the open batch (an upper bound after add_bulk)."""
+        return self._bytes
+
     def deadline(self) -> float | None:
         """When the open batch must close on time, or None if there is none."""
         return None if self._started is None else self._started + self.max_delay

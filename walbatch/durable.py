@@ -34,9 +34,16 @@ from .sinks.base import resolve_sink
 
 log = logging.getLogger("walbatch")
 
+_tls = threading.local()
+
+
 def _encode(item: Any) -> bytes:
     try:
-        return msgpack.packb(item, use_bin_type=True)
+        pack = _tls.pack
+    except AttributeError:  # one Packer per thread: packb would build one per call
+        pack = _tls.pack = msgpack.Packer(use_bin_type=True).pack
+    try:
+        return pack(item)
     except (TypeError, OverflowError, ValueError) as ex:
         raise TypeError(
             f"cannot submit a {type(item).__name__}: items must be msgpack-serialisable "
@@ -310,7 +317,16 @@ class DurableBatcher:
         """
         data = _encode(item)
         _check_frame_size(len(data))
-        return await self._aio_enqueue(data, 1, False)
+        if self._closing:
+            raise Closed("the batcher is closed; the item was not written")
+        loop = asyncio.get_running_loop()
+        q = self._aio_state.get(loop) or self._aio_queue(loop)
+        fut = loop.create_future()
+        q.entries.append((data, 1, fut, False))
+        if not q.running:
+            q.running = True
+            loop.create_task(self._aio_drain(loop, q))
+        return await fut
 
     async def asubmit_many(self, items: Iterable[Any]) -> Receipts:
         """``submit_many`` for asyncio: all or nothing, one frame with its group."""
@@ -324,15 +340,17 @@ class DurableBatcher:
         if self._closing:
             raise Closed("the batcher is closed; the item was not written")
         loop = asyncio.get_running_loop()
-        q = self._aio_state.get(loop)
-        if q is None:
-            q = self._aio_state[loop] = _AioQueue()
+        q = self._aio_state.get(loop) or self._aio_queue(loop)
         fut = loop.create_future()
         q.entries.append((payload, count, fut, many))
         if not q.running:
             q.running = True
             loop.create_task(self._aio_drain(loop, q))
         return await fut
+
+    def _aio_queue(self, loop: asyncio.AbstractEventLoop) -> _AioQueue:
+        q = self._aio_state[loop] = _AioQueue()
+        return q
 
     def _aio_executor(self) -> ThreadPoolExecutor:
         if self._aio_pool is None:

@@ -21,7 +21,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
+
+import msgpack
 
 from .batcher import REASONS, BatchPolicy, ClosedBatch
 from .checkpoint import Checkpoint
@@ -31,6 +34,8 @@ from .framing import decode_items
 from .log import Log, RawFrame
 from .options import Options
 from .record import Batch, Record
+
+_record = partial(tuple.__new__, Record)  # Record((seq, item)) built in C
 
 log = logging.getLogger("walbatch")
 
@@ -54,6 +59,8 @@ class Flusher:
         # --- intake (guarded by _cv)
         self._tail: deque[RawFrame] = deque()
         self._tail_bytes = 0
+        self._tail_items = 0
+        self._wake_items = 1  # on_durable wakes the flusher once this many items wait
         self._tail_next = log_.next_seq  # the seq the next tail frame must start at
         self._tail_ok = not follow
         self._follow = follow
@@ -104,11 +111,16 @@ class Flusher:
                     self._tail_ok = False  # fall back to reading the log from disk
                     self._tail.clear()
                     self._tail_bytes = 0
+                    self._tail_items = 0
                 else:
                     self._tail.append(RawFrame(first_seq, count, payload))
                     self._tail_bytes += len(payload)
                     self._tail_next = first_seq + count
-            if self._waiting:
+                    self._tail_items += count
+            # Wake the flusher only when it has something to do now: a first item
+            # (its batch timer starts), or a batch's worth. Otherwise its own
+            # deadline wakes it; a wake-up per commit group costs submitters GIL time.
+            if self._waiting and (self._tail_items >= self._wake_items or not self._tail_ok):
                 self._cv.notify_all()
 
     def _take_frames(self) -> list[RawFrame]:
@@ -118,6 +130,7 @@ class Flusher:
                 frames = list(self._tail)
                 self._tail.clear()
                 self._tail_bytes = 0
+                self._tail_items = 0
                 return self._trim(frames)
             if self._tail_ok and self._read_seq >= self._tail_next:
                 return []
@@ -192,6 +205,8 @@ class Flusher:
                 if not self._tail_ok and self._read_seq <= self.log.synced_seq:
                     continue
                 timeout = self._next_wakeup(now)
+                open_items = len(policy)
+                self._wake_items = 1 if not open_items else max(1, policy.max_items - open_items)
                 self._waiting = True
                 self._cv.wait(timeout)
                 self._waiting = False
@@ -227,21 +242,78 @@ class Flusher:
             self._read_seq = last + 1
             return
         replay = frame.first_seq <= self._replay_end
+        policy = self.policy
+        total = len(frame.payload) - frame.skip  # each skipped item took at least a byte
+        if len(policy) and policy.nbytes + total > policy.max_bytes >= total:
+            self._dispatch_closed(policy.take("bytes"), replay)  # the frame fits a fresh batch
+        if policy.nbytes + total <= policy.max_bytes:
+            self._feed_bulk(frame, now, replay, total)
+        else:
+            self._feed_each(frame, now, replay)
+        self._read_seq = frame.first_seq + frame.count
+        if replay and self._read_seq > self._replay_end and len(policy):
+            self._dispatch(policy.take("replay"))
+
+    def _feed_bulk(self, frame: RawFrame, now: float, replay: bool, total: int) -> None:
+        """The common case: the whole frame fits the byte budget, so only counts split it.
+
+        Decoding and building Records happen in C (one Unpacker pass, tuple.__new__),
+        which keeps the flusher from taking the GIL away from submitters for long.
+        """
+        items = self._decode(frame)
+        policy = self.policy
+        n = len(items)
+        seq = frame.first_seq + frame.skip
+        i = 0
+        while i < n:
+            k = min(policy.max_items - len(policy), n - i)
+            chunk = list(map(_record, zip(range(seq + i, seq + i + k), items[i:i + k], strict=True)))
+            # An upper bound of the chunk's bytes: every item outside it took at least one.
+            for closed in policy.add_bulk(chunk, total - (n - k), now):
+                self._dispatch_closed(closed, replay)
+            i += k
+
+    def _feed_each(self, frame: RawFrame, now: float, replay: bool) -> None:
+        """A frame larger than the byte budget: exact sizes, item by item."""
+        assert frame.payload is not None
         try:
             decoded = list(decode_items(frame.payload, frame.count))
         except ValueError as ex:
-            raise CorruptLog(self.log.segdir, 0, str(ex),
-                             (frame.first_seq, frame.first_seq + frame.count - 1)) from ex
+            raise self._undecodable(frame, ex) from ex
         seq = frame.first_seq + frame.skip
         for item, size in (decoded[frame.skip:] if frame.skip else decoded):
             for closed in self.policy.add(Record(seq, item), size, now):
-                if replay:
-                    closed.reason = "replay"
-                self._dispatch(closed)
+                self._dispatch_closed(closed, replay)
             seq += 1
-        self._read_seq = frame.first_seq + frame.count
-        if replay and self._read_seq > self._replay_end and len(self.policy):
-            self._dispatch(self.policy.take("replay"))
+
+    def _decode(self, frame: RawFrame) -> list[Any]:
+        assert frame.payload is not None
+        try:
+            if frame.count == 1:
+                items = [msgpack.unpackb(frame.payload, raw=False, strict_map_key=False)]
+            else:
+                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                            max_buffer_size=max(len(frame.payload), 1 << 20))
+                unpacker.feed(frame.payload)
+                items = list(unpacker)
+        except Exception as ex:  # msgpack raises several unrelated types
+            raise self._undecodable(frame, ex) from ex
+        if len(items) != frame.count:
+            raise self._undecodable(frame, ValueError(
+                f"payload holds {len(items)} items, frame says {frame.count}"))
+        return items[frame.skip:] if frame.skip else items
+
+    def _undecodable(self, frame: RawFrame, ex: BaseException) -> CorruptLog:
+        # A valid checksum over an undecodable payload means a writer bug, not disk damage.
+        return CorruptLog(self.log.segdir, 0, f"undecodable payload: {ex}",
+                          (frame.first_seq, frame.first_seq + frame.count - 1))
+
+    def _dispatch_closed(self, closed: ClosedBatch[Record] | None, replay: bool) -> None:
+        if closed is None:
+            return
+        if replay:
+            closed.reason = "replay"
+        self._dispatch(closed)
 
     def _flush_open_batch_before_gap(self) -> None:
         closed = self.policy.take("replay")
