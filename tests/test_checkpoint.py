@@ -32,7 +32,7 @@ PATH = "/log/checkpoint"
 def test_round_trip(seq: int, delivered: int, dead: int, raw_id: bytes) -> None:
     cp = Checkpoint(uuid.UUID(bytes=raw_id), seq, delivered, dead)
     data = cp.encode()
-    assert len(data) == CHECKPOINT_SIZE == 56
+    assert len(data) == CHECKPOINT_SIZE == 64
     assert Checkpoint.decode(data, PATH) == cp
 
 
@@ -75,8 +75,8 @@ def _corrupt(kind: str) -> bytes:
 @pytest.mark.parametrize(
     ("kind", "reason"),
     [
-        ("truncated", "55 bytes, expected 56"),
-        ("extended", "57 bytes, expected 56"),
+        ("truncated", "63 bytes, expected 64"),
+        ("extended", "65 bytes, expected 64"),
         ("empty", "0 bytes"),
         ("bad magic", "bad checkpoint magic"),
         ("bad crc", "checksum mismatch"),

@@ -22,7 +22,7 @@ from .fileio import FileSystem, write_atomic
 
 CHECKPOINT_MAGIC = b"WBCHKPT\x00"
 CHECKPOINT_VERSION = 1
-_LAYOUT = struct.Struct("<8sHH16sQQQ")
+_LAYOUT = struct.Struct("<8sHH16sQQQQ")
 CHECKPOINT_SIZE = _LAYOUT.size + 4
 
 
@@ -36,6 +36,10 @@ class Checkpoint:
     dead_lettered: int = 0
     """How many of the records through ``seq`` went to dead letters (or were lost
     to quarantined corruption, which is recorded as a dead letter)."""
+    high_water: int = 0
+    """The last fsync'd seq when this checkpoint was written. A log that ends
+    below it on open lost acknowledged records (damage, not a torn write), and
+    no seq up to it is ever handed out again."""
 
     def encode(self) -> bytes:
         body = _LAYOUT.pack(
@@ -46,6 +50,7 @@ class Checkpoint:
             self.seq,
             self.delivered,
             self.dead_lettered,
+            self.high_water,
         )
         return body + struct.pack("<I", crc32c(body))
 
@@ -53,7 +58,7 @@ class Checkpoint:
     def decode(cls, data: bytes, path: str) -> Checkpoint:
         if len(data) != CHECKPOINT_SIZE:
             raise CorruptLog(path, 0, f"checkpoint is {len(data)} bytes, expected {CHECKPOINT_SIZE}")
-        magic, version, _r, raw_id, seq, delivered, dead = _LAYOUT.unpack_from(data)
+        magic, version, _r, raw_id, seq, delivered, dead, high = _LAYOUT.unpack_from(data)
         (crc,) = struct.unpack_from("<I", data, _LAYOUT.size)
         if magic != CHECKPOINT_MAGIC:
             raise CorruptLog(path, 0, "bad checkpoint magic")
@@ -61,7 +66,7 @@ class Checkpoint:
             raise CorruptLog(path, 0, "checkpoint checksum mismatch")
         if version != CHECKPOINT_VERSION:
             raise CorruptLog(path, 8, f"unsupported checkpoint version {version}")
-        return cls(uuid.UUID(bytes=raw_id), seq, delivered, dead)
+        return cls(uuid.UUID(bytes=raw_id), seq, delivered, dead, high)
 
 
 def read_checkpoint(fs: FileSystem, path: str) -> Checkpoint:

@@ -479,9 +479,18 @@ class Flusher:
                     or now - self._last_cp_write >= self.opts.checkpoint_interval):
                 return
             cp = Checkpoint(self.log.log_id, self.done_through, self.delivered_total,
-                            self.dead_total)
+                            self.dead_total, max(self.done_through, self.log.synced_seq))
         segments = len(self.log.segments())
-        self.log.commit_checkpoint(cp)
+        try:
+            self.log.commit_checkpoint(cp)
+        except OSError as ex:
+            # A full disk (ENOSPC) is transient: delivery goes on, and the next
+            # attempt writes a checkpoint covering everything delivered by then.
+            with self._cv:
+                self.last_error = f"checkpoint write failed: {type(ex).__name__}: {ex}"
+                self._last_cp_write = time.monotonic()
+            log.warning("walbatch: %s; will retry", self.last_error)
+            return
         with self._cv:
             self.persisted = cp
             self._last_cp_write = time.monotonic()

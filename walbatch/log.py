@@ -253,6 +253,7 @@ class Log:
             cp = Checkpoint(uuid.uuid4())
             write_checkpoint(fs, cp_path, cp)
         rec = _Recovery(fs, directory, cp, on_corruption, readonly)
+        high_water = max(cp.seq, cp.high_water)  # everything through here was durable
 
         # Segments a durable checkpoint covers entirely were due for deletion
         # when the process stopped; finish the job.
@@ -339,11 +340,14 @@ class Log:
                 damaged_last = is_last
             size = len(data)
             if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
-                if is_last:
+                if is_last and expected - 1 >= high_water:
                     rec.torn(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason)
                     size = scan.tail_at
                 else:
-                    lost_to = next_first - 1 if next_first is not None else expected - 1
+                    # Not torn: the checkpoint saw records past this point durable.
+                    lost_to = next_first - 1 if next_first is not None else max(
+                        expected - 1, high_water)
+                    damaged_last = damaged_last or is_last
                     seqs = (expected, lost_to) if lost_to >= expected else None
                     rec.damage(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason, seqs,
                                data[scan.tail_at:])
@@ -355,6 +359,16 @@ class Log:
                 expected = next_first
             segments.append(SegmentInfo(first, path, size, max(last_seq, expected - 1),
                                         sealed=damaged_last or bool(scan.header_error)))
+        if high_water > expected - 1 and not any(r.last >= high_water for r in rec.lost):
+            # Truncated at a frame boundary (or a segment deleted): the log ends
+            # before the checkpoint said it was durable.
+            at = segments[-1].path if segments else segdir
+            rec.damage(at, segments[-1].size if segments else 0, 0,
+                       f"records {expected}..{high_water} are missing: the log ends before "
+                       "the checkpoint's high-water mark", (expected, high_water))
+            if segments:
+                segments[-1].sealed = True
+        expected = max(expected, high_water + 1)
         if segments and not readonly:
             # A process that crashed (rather than lost power) may have left frames
             # that were written but never fsync'd: valid in the page cache now,

@@ -71,6 +71,7 @@ class Server:
 
     async def serve(self) -> None:
         """Run until ``request_stop`` (or SIGTERM/SIGINT), then shut down cleanly."""
+        _raise_fd_limit()
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         sock = self._listening_socket()
@@ -327,6 +328,16 @@ def _done(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
     fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     fut.set_result(value)
     return fut
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many connections as the hard limit does (the soft default is often 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def sd_notify(state: str) -> None:

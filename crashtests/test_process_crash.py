@@ -1,0 +1,145 @@
+"""kill -9 under load, again and again: an embedded batcher, and the daemon.
+
+Every cycle starts a writer (a child process with a DurableBatcher, or `walbatch
+serve` fed by a client process), lets it run for a random moment and kills it
+with SIGKILL: mid-fsync, mid-roll (segments are small), mid-checkpoint (the
+interval is tiny), mid-delivery to the real SQLite sink. Writers append each
+acknowledged item to their own file *after* the acknowledgement and before
+counting it. At the end the log is opened once more and flushed.
+
+Invariant: every acknowledged item is in SQLite exactly once with its payload;
+no duplicates; the stats tally holds.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+from walbatch import DurableBatcher
+
+OPTS = dict(max_delay=0.005, segment_bytes=4096, max_log_bytes=1 << 30, checkpoint_interval=0.001)
+
+EMBEDDED = textwrap.dedent("""
+    import sys, threading
+    from walbatch import DurableBatcher
+    log_dir, sink, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    b = DurableBatcher(log_dir, sink, **OPTS)
+    def work(t):
+        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
+            k = 0
+            while True:
+                if k % 7 == 3:
+                    items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j % 50)} for j in range(20)]
+                    b.submit_many(items)
+                    f.write("".join(i["id"] + "\\n" for i in items))
+                else:
+                    item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 60)}
+                    b.submit(item)
+                    f.write(item["id"] + "\\n")
+                k += 1
+    for t in range(4):
+        threading.Thread(target=work, args=(t,), daemon=True).start()
+    threading.Event().wait()
+""").replace("**OPTS", "**" + repr(OPTS))
+
+CLIENT = textwrap.dedent("""
+    import sys, threading
+    from walbatch import Client, WalbatchError
+    sock, acks, cycle = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    c = Client(sock, connect_timeout=5, timeout=10)
+    def work(t):
+        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
+            k = 0
+            while True:
+                try:
+                    if k % 5 == 0:
+                        items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "z" * j} for j in range(30)]
+                        c.submit_many(items)
+                        f.write("".join(i["id"] + "\\n" for i in items))
+                    else:
+                        item = {"id": f"{cycle}-{t}-{k}", "p": "w" * (k % 40)}
+                        c.submit(item)
+                        f.write(item["id"] + "\\n")
+                except WalbatchError:
+                    return  # the daemon died: unanswered items are not acknowledged
+                k += 1
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads: th.start()
+    for th in threads: th.join()
+""")
+
+
+def payload_ok(item_id: str, p: str) -> bool:
+    parts = item_id.split("-")
+    if len(parts) == 4:
+        return p == "x" * (int(parts[3]) % 50) or p == "z" * int(parts[3])
+    return p in ("y" * (int(parts[2]) % 60), "w" * (int(parts[2]) % 40))
+
+
+def check(directory: str, db: str, acks: str, scenario) -> None:
+    with DurableBatcher(os.path.join(directory, "log"), f"sqlite:///{db}?table=t", **OPTS) as b:
+        b.flush(timeout=120)
+        stats = b.stats()
+    acked = set()
+    for path in glob.glob(acks + ".*"):
+        with open(path) as f:
+            acked.update(line[:-1] for line in f if line.endswith("\n"))
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, p FROM t").fetchall()
+    ids = [r[0] for r in rows]
+    delivered = set(ids)
+    damaged = sum(1 for item_id, p in rows if not payload_ok(item_id, p))
+    lost = len(acked - delivered)
+    duplicated = len(ids) - len(delivered)
+    scenario.add(acknowledged=len(acked), delivered=len(delivered), lost=lost,
+                 duplicated=duplicated, damaged=damaged)
+    assert lost == 0, f"{lost} acknowledged items missing, e.g. {sorted(acked - delivered)[:5]}"
+    assert duplicated == 0 and damaged == 0, scenario.line()
+    assert stats.submitted == stats.delivered + stats.dead_lettered + stats.pending
+    assert stats.pending == 0
+
+
+def test_kill_9_an_embedded_batcher_under_load(scenario):
+    directory = tempfile.mkdtemp(prefix="walbatch-kill-")
+    db, acks = os.path.join(directory, "out.db"), os.path.join(directory, "acks")
+    cycles = scenario.iterations(12)
+    for cycle in range(cycles):
+        child = subprocess.Popen([sys.executable, "-c", EMBEDDED, os.path.join(directory, "log"),
+                                  f"sqlite:///{db}?table=t", acks, str(cycle)])
+        time.sleep(0.25 + scenario.rng.random() * 0.5)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    scenario.add(cycles=cycles)
+    check(directory, db, acks, scenario)
+
+
+def test_kill_9_the_daemon_under_load(scenario):
+    directory = tempfile.mkdtemp(prefix="walbatch-killd-")
+    sockdir = tempfile.mkdtemp(prefix="wbk-", dir="/tmp")
+    sock = os.path.join(sockdir, "s")
+    db, acks = os.path.join(directory, "out.db"), os.path.join(directory, "acks")
+    cycles = scenario.iterations(10)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in OPTS.items()]
+    for cycle in range(cycles):
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "walbatch", "serve", "--data-dir", os.path.join(directory, "log"),
+             "--socket", sock, "--sink", f"sqlite:///{db}?table=t", "--log-level", "error", *flags])
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, sock, acks, str(cycle)])
+        time.sleep(0.5 + scenario.rng.random() * 0.5)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(30)
+        try:
+            client.wait(60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+    scenario.add(cycles=cycles)
+    check(directory, db, acks, scenario)
