@@ -87,6 +87,16 @@ def _closes(value: Any) -> bool:
     return isinstance(value, dict) and value.get("code") in _CLOSING_CODES
 
 
+def _fail_unanswered(pending: Any, cause: BaseException | None) -> None:
+    """Fail the requests a broken connection will never answer (sync or asyncio futures)."""
+    for _rid, fut in pending:
+        if not fut.done():
+            fut.set_exception(DaemonUnavailable(
+                "connection to the daemon lost before the answer arrived "
+                f"({cause or 'closed by the daemon'}); the request may or may not "
+                "have taken effect"))
+
+
 def _raise_for(resp: dict[str, Any]) -> dict[str, Any]:
     if resp.get("ok"):
         return resp
@@ -225,12 +235,7 @@ class Client:
         if self._sock is sock:
             self._sock = None
             pending, self._pending = self._pending, deque()
-            for _rid, fut in pending:
-                if not fut.done():
-                    fut.set_exception(DaemonUnavailable(
-                        "connection to the daemon lost before the answer arrived "
-                        f"({cause or 'closed by the daemon'}); the request may or may not "
-                        "have taken effect"))
+            _fail_unanswered(pending, cause)
         try:
             sock.close()
         except OSError:
@@ -345,12 +350,7 @@ class AsyncClient:
         if self._writer is writer:
             self._writer = None
             pending, self._pending = self._pending, deque()
-            for _rid, fut in pending:
-                if not fut.done():
-                    fut.set_exception(DaemonUnavailable(
-                        "connection to the daemon lost before the answer arrived "
-                        f"({cause or 'closed by the daemon'}); the request may or may not "
-                        "have taken effect"))
+            _fail_unanswered(pending, cause)
         writer.close()
 
     async def close(self) -> None:
