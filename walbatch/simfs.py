@@ -10,7 +10,9 @@ last ``fsync_dir``). ``crash()`` then does what a power loss may do:
 - names created, renamed or unlinked since their directory's last fsync are
   undone;
 - every handle and lock of the old "process" becomes dead: any use raises EIO,
-  so threads of an abandoned batcher stop instead of writing on.
+  so threads of an abandoned batcher stop instead of writing on; so does every
+  thread alive at the crash but the main one (the old flusher, submitters), for
+  path operations too (a dead flusher must not write a checkpoint afterwards).
 
 Directories themselves are modelled as always durable. Faults can be injected
 (``fail(op, errno, times)``) and ``skip_fsync=True`` makes a deliberately broken
@@ -23,6 +25,7 @@ import errno as errno_mod
 import os
 import random
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -110,6 +113,7 @@ class SimFileSystem:
         self._locks: set[str] = set()
         self._faults: list[tuple[str, int, str]] = []
         self._crash_at: tuple[int, random.Random, str] | None = None
+        self._dead_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
     # ---------------------------------------------------------------- faults
 
@@ -142,6 +146,8 @@ class SimFileSystem:
         raise _Dead()
 
     def _maybe_fail(self, op: str, path: str) -> None:
+        if threading.current_thread() in self._dead_threads:
+            raise _Dead()
         if op != "write":
             self._tick(op)
         for i, (fop, err, part) in enumerate(self._faults):
@@ -256,8 +262,11 @@ class SimFileSystem:
         with self._mu:
             self.generation += 1
             self.crashes += 1
+            # The old process's threads die with it; the main thread runs the test.
+            self._dead_threads.update(t for t in threading.enumerate() if t is not threading.main_thread())
             self._locks.clear()
             self._faults.clear()
+            self._crash_at = None  # an armed crash_after() belonged to the old machine too
             survivors: dict[str, _Inode] = {}
             for p, inode in self.durable_names.items():
                 mode = torn if torn != "random" else rng.choice(["none", "prefix", "garbage"])
