@@ -52,18 +52,32 @@ def _encode(item: Any) -> bytes:
 
 
 def _encode_many(items: Iterable[Any]) -> tuple[bytes, int]:
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    pack = packer.pack
-    n = 0
-    for n, item in enumerate(items, 1):  # noqa: B007 - n is the count afterwards
+    """The concatenated msgpack encodings of ``items`` (a frame payload) and their count."""
+    seq = items if isinstance(items, list) else list(items)
+    n = len(seq)
+    try:
+        packed = _tls.pack_list(seq)
+    except AttributeError:
+        _tls.pack_list = msgpack.Packer(use_bin_type=True).pack
+        packed = _tls.pack_list(seq)
+    except (TypeError, OverflowError, ValueError):
+        _raise_unencodable(seq)
+        raise
+    # Packing the list as one array runs the per-item loop in C; the payload is that
+    # array without its header (1, 3 or 5 bytes by length: msgpack's fixarray/array16/array32).
+    return packed[1 if n < 16 else 3 if n < 65536 else 5:], n
+
+
+def _raise_unencodable(items: list[Any]) -> None:
+    pack = msgpack.Packer(use_bin_type=True).pack
+    for i, item in enumerate(items):
         try:
             pack(item)
         except (TypeError, OverflowError, ValueError) as ex:
             raise TypeError(
-                f"cannot submit items[{n - 1}], a {type(item).__name__}: items must be "
+                f"cannot submit items[{i}], a {type(item).__name__}: items must be "
                 f"msgpack-serialisable; nothing was written: {ex}"
             ) from None
-    return packer.bytes(), n
 
 
 def _check_frame_size(nbytes: int) -> None:
