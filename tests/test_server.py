@@ -274,6 +274,22 @@ def test_raw_requests_get_answers_in_order_with_their_ids(daemons):
     assert after["stats"]["last_checkpoint"] == 3
 
 
+def test_a_flush_pipelined_behind_submits_covers_them(daemons):
+    """flush and stats wait for the requests before them on the same connection."""
+    d = daemons()
+    with raw_connect(d.socket_path) as s:
+        s.sendall(b"".join(protocol.encode(m) for m in [
+            *({"id": i, "op": "submit", "items": [{"n": i}] * 50} for i in range(20)),
+            {"id": "flush", "op": "flush", "timeout": WAIT},
+            {"id": "stats", "op": "stats"},
+        ]))
+        answers = [read_frame(s) for _ in range(22)]
+    assert all(a is not None and a["ok"] for a in answers), answers
+    assert answers[-1]["stats"]["delivered"] == 1000
+    assert answers[-1]["stats"]["pending"] == 0
+    assert len(db_rows(d.db)) == 1000
+
+
 def test_submit_one_and_many_reach_sqlite(daemons):
     d = daemons()
     with Client(d.socket_path, timeout=WAIT) as c:

@@ -56,19 +56,28 @@ class Size(click.ParamType):
     """A byte count: 1048576, 512KiB, 64MiB, 1GiB (also k/M/G, KB/MB/GB as powers of 1024)."""
 
     name = "size"
+
+    def __init__(self, min_value: int = 0) -> None:
+        self.min_value = min_value
+
     _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
               "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
         if isinstance(value, int):
+            if value < self.min_value:
+                self.fail(f"{value} is below the minimum of {self.min_value} bytes", param, ctx)
             return value
         text = str(value).strip().lower().replace("_", "")
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = text[len(digits):].strip()
         try:
-            return int(float(digits) * self._UNITS[unit])
+            size = int(float(digits) * self._UNITS[unit])
         except (ValueError, KeyError):
             self.fail(f"{value!r} is not a size (examples: 4096, 512KiB, 64MiB, 1GiB)", param, ctx)
+        if size < self.min_value:
+            self.fail(f"{value!r} is below the minimum of {self.min_value} bytes", param, ctx)
+        return size
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -162,7 +171,7 @@ def _fail(ex: BaseException) -> click.ClickException:
               help="Only serve peers with this uid (SO_PEERCRED); repeatable.")
 @click.option("--allow-gid", type=int, multiple=True, envvar="WALBATCH_ALLOW_GID",
               help="Only serve peers with this gid; repeatable.")
-@click.option("--max-frame-bytes", type=Size(), default=protocol_default_frame(),
+@click.option("--max-frame-bytes", type=Size(min_value=1), default=protocol_default_frame(),
               show_default=True, envvar="WALBATCH_MAX_FRAME_BYTES",
               help="Largest request frame accepted; a larger one gets too_large and is disconnected.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -626,6 +635,12 @@ def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool)
         raise _fail(ex) from None
     finally:
         log_.close()
+    corrupt = [f for f in log_.findings if f.action == "corrupt"]
+    if corrupt:  # damaged, not yet repaired: the "lost" lines above are unreadable records
+        for f in corrupt:
+            click.echo(f.describe(), err=True)
+        click.echo("DAMAGED: run `walbatch verify --repair`", err=True)
+        sys.exit(3)
 
 
 @cli.group()
@@ -651,6 +666,8 @@ def dlq_list(data_dir: str, limit: int | None, as_json: bool) -> None:
     """
     from .dlq import list_dead_letters
 
+    if not os.path.isdir(data_dir):
+        raise click.ClickException(f"{data_dir} does not exist")
     for d in list_dead_letters(data_dir, limit):
         if as_json:
             click.echo(_dumps(dataclasses.asdict(d)))

@@ -183,8 +183,13 @@ class Server:
         finally:
             self._conns.discard(conn)
 
-    def start_request(self, msg: Any) -> Awaitable[dict[str, Any]]:
-        """Begin serving one decoded frame; the awaitable yields its response."""
+    def start_request(self, msg: Any, prior: Awaitable[dict[str, Any]] | None = None
+                      ) -> Awaitable[dict[str, Any]]:
+        """Begin serving one decoded frame; the awaitable yields its response.
+
+        ``prior`` is the connection's previous request: ``stats`` and ``flush`` wait
+        for it, so a flush pipelined behind submits covers them, as a client expects.
+        """
         try:
             req = protocol.parse_request(msg)
         except ProtocolError as ex:
@@ -194,12 +199,17 @@ class Server:
                                         "the daemon is shutting down; nothing was written"))
         if req.op == "ping":
             return _done(protocol.ok(req.id, pong=True, version=__version__))
-        if req.op == "stats":
-            stats = dataclasses.asdict(self.batcher.stats())
-            return _done(protocol.ok(req.id, stats=stats))
         if req.op == "submit":
             return asyncio.ensure_future(self._submit(req))
-        return asyncio.ensure_future(self._flush(req))
+        return asyncio.ensure_future(self._after(prior, req))
+
+    async def _after(self, prior: Awaitable[dict[str, Any]] | None,
+                     req: protocol.Request) -> dict[str, Any]:
+        if prior is not None:
+            await asyncio.shield(asyncio.ensure_future(prior))  # its answer is sent by _send
+        if req.op == "stats":
+            return protocol.ok(req.id, stats=dataclasses.asdict(self.batcher.stats()))
+        return await self._flush(req)
 
     async def _submit(self, req: protocol.Request) -> dict[str, Any]:
         assert req.items is not None
@@ -252,6 +262,7 @@ class _Connection:
         self.room = asyncio.Condition()
         self.done = asyncio.Event()
         self._read_task: asyncio.Task[None] | None = None
+        self._last: Awaitable[dict[str, Any]] | None = None  # the latest request's answer
 
     async def run(self) -> None:
         sender = asyncio.ensure_future(self._send())
@@ -297,7 +308,8 @@ class _Connection:
                     await self.room.wait_for(has_room)
                     self.pending += 1
                     self.pending_bytes += size
-                self.queue.put_nowait((self.server.start_request(msg), size))
+                self._last = self.server.start_request(msg, self._last)
+                self.queue.put_nowait((self._last, size))
             if fatal is not None:
                 self.queue.put_nowait((_done(protocol.error(None, fatal.code, fatal.message)), 0))
                 return
