@@ -7,13 +7,10 @@ import threading
 
 import msgpack
 import pytest
+from helpers import WAIT
 
 from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogLocked, PermanentSinkError
 from walbatch.dlq import list_dead_letters, requeue
-
-FAST = {"max_delay": 0.01, "retry_initial_delay": 0.001, "retry_max_delay": 0.01,
-        "checkpoint_interval": 0.01}
-WAIT = 10.0
 
 
 class Picky:
@@ -39,25 +36,6 @@ class Picky:
     def items(self) -> list[object]:
         with self.lock:
             return [i for _, i in self.taken]
-
-
-@pytest.fixture
-def logdir(tmp_path):
-    return tmp_path / "log"
-
-
-@pytest.fixture
-def make(logdir):
-    opened: list[DurableBatcher] = []
-
-    def _make(sink, **options) -> DurableBatcher:
-        b = DurableBatcher(logdir, sink, **{**FAST, **options})
-        opened.append(b)
-        return b
-
-    yield _make
-    for b in opened:
-        b.close(timeout=1)
 
 
 def dead_letter_three(b: DurableBatcher) -> list[int]:

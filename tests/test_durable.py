@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers import FAST, WAIT, Collector
 
 from walbatch import (
     Closed,
@@ -19,35 +20,6 @@ from walbatch import (
     LogLocked,
     SinkError,
 )
-
-FAST = {"max_delay": 0.01, "retry_initial_delay": 0.001, "retry_max_delay": 0.01,
-        "checkpoint_interval": 0.01}
-WAIT = 10.0  # seconds: the bound on every wait, so a bug fails a test instead of hanging it
-
-
-class Collector:
-    """A sink that records every batch it took: (reason, [(seq, item), ...])."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.batches: list[tuple[str, list[tuple[int, object]]]] = []
-
-    def write(self, batch) -> None:
-        with self.lock:
-            self.batches.append((batch.reason, [(r.seq, r.item) for r in batch]))
-
-    @property
-    def records(self) -> list[tuple[int, object]]:
-        with self.lock:
-            return [rec for _, recs in self.batches for rec in recs]
-
-    @property
-    def seqs(self) -> list[int]:
-        return [s for s, _ in self.records]
-
-    @property
-    def items(self) -> list[object]:
-        return [i for _, i in self.records]
 
 
 class Switch:
@@ -81,26 +53,6 @@ class Gate:
 
     def release(self) -> None:
         self.open.set()
-
-
-@pytest.fixture
-def logdir(tmp_path):
-    return tmp_path / "log"
-
-
-@pytest.fixture
-def make(logdir):
-    """Open a DurableBatcher with fast test options; every one is closed at teardown."""
-    opened: list[DurableBatcher] = []
-
-    def _make(sink, directory=None, **options) -> DurableBatcher:
-        b = DurableBatcher(directory or logdir, sink, **{**FAST, **options})
-        opened.append(b)
-        return b
-
-    yield _make
-    for b in opened:
-        b.close(timeout=1)
 
 
 def assert_tally(b: DurableBatcher) -> None:

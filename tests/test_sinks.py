@@ -8,15 +8,13 @@ import sqlite3
 import threading
 
 import pytest
+from helpers import WAIT
 
 from walbatch import Batch, DeadLettered, DurableBatcher, Record
 from walbatch.sinks import FunctionSink, resolve_sink, sink_from_url
 from walbatch.sinks.file import FileSink
 from walbatch.sinks.sqlite import SQLiteSink
 
-FAST = {"max_delay": 0.01, "retry_initial_delay": 0.001, "retry_max_delay": 0.01,
-        "checkpoint_interval": 0.01}
-WAIT = 10.0
 LOG_ID = "6f1c2a8e-0000-4000-8000-000000000001"
 
 
@@ -34,20 +32,6 @@ def query(db_path, sql: str, params=()) -> list[tuple]:
 
 def columns(db_path, table: str) -> set[str]:
     return {row[1] for row in query(db_path, f"PRAGMA table_info({table})")}
-
-
-@pytest.fixture
-def make(tmp_path):
-    opened: list[DurableBatcher] = []
-
-    def _make(sink, **options) -> DurableBatcher:
-        b = DurableBatcher(tmp_path / "log", sink, **{**FAST, **options})
-        opened.append(b)
-        return b
-
-    yield _make
-    for b in opened:
-        b.close(timeout=1)
 
 
 # ----------------------------------------------------------------- sqlite
