@@ -92,12 +92,16 @@ class SinkError(WalbatchError):
 
     ``retryable=True`` (the default) means transient: walbatch keeps the items in
     the log and retries with backoff. ``retryable=False`` means permanent: the
-    items go to the dead-letter store with this error.
+    items go to the dead-letter store with this error. ``retry_after`` (seconds)
+    is the least the next attempt waits, e.g. from an HTTP ``Retry-After``
+    header; the backoff delay is used when it is longer.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class PermanentSinkError(SinkError):

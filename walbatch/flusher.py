@@ -423,6 +423,11 @@ class Flusher:
             self.last_error = f"{type(ex).__name__}: {ex}"
         cap = min(self.opts.retry_max_delay, self.opts.retry_initial_delay * (2 ** (attempt - 1)))
         delay = random.uniform(0, cap)
+        retry_after = getattr(ex, "retry_after", None)
+        if isinstance(retry_after, (int, float)) and retry_after > delay:
+            # The server said when to come back (HTTP Retry-After): wait at least that
+            # long, but never more than an hour on its word alone.
+            delay = min(float(retry_after), 3600.0)
         log.warning("walbatch sink failed (attempt %d), retrying in %.2fs: %s", attempt, delay, ex)
         wake_at = time.monotonic() + delay
         if not self._stop.is_set():

@@ -81,11 +81,24 @@ def sink_from_url(url: str) -> Any:
         if not path:
             raise ValueError(f"sink URL {url!r} has no path")
         return FileSink(path)
-    if ":" in url and "/" not in url.split(":", 1)[0] and scheme not in ("http", "https"):
+    if scheme in ("postgresql", "postgres"):
+        from .postgresql import from_url as postgresql_from_url
+
+        return postgresql_from_url(url)
+    if scheme in ("nats", "tls"):
+        from .nats import from_url as nats_from_url
+
+        return nats_from_url(url)
+    if scheme in ("http", "https"):
+        from .http import from_url as http_from_url
+
+        return http_from_url(url)
+    if ":" in url and "/" not in url.split(":", 1)[0]:
         module, _, attr = url.partition(":")
         if module and attr.isidentifier() and all(p.isidentifier() for p in module.split(".")):
             fn = getattr(importlib.import_module(module), attr)
             return resolve_sink(fn)
     raise ValueError(
-        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///ABS/PATH.jsonl or module:function"
+        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///ABS/PATH.jsonl, "
+        "postgresql://..., nats://..., http(s)://... or module:function"
     )
