@@ -37,6 +37,17 @@ class FunctionSink:
         return f"FunctionSink({getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
+def require(module: str, extra: str, sink: str) -> Any:
+    """Import an optional driver, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as ex:
+        raise ImportError(
+            f"the {sink} sink needs the {module!r} package: pip install 'walbatch[{extra}]' "
+            f"({ex})"
+        ) from ex
+
+
 def _query(url: str) -> dict[str, str]:
     return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
 
