@@ -1,0 +1,541 @@
+"""PostgreSQL sink (psycopg 3): COPY each batch in, keyed by (log_id, seq).
+
+Each batch is COPYed into a per-connection temporary staging table and moved
+into the target with ``INSERT ... SELECT ... ON CONFLICT (_log_id, _seq) DO
+NOTHING`` in one transaction, committed before ``write`` returns; a redelivered
+record is dropped by the key instead of duplicated. See docs/sinks/postgresql.md
+for the URL, the two modes (``jsonb``: the whole item in one column;
+``columns``: a dict item's fields in columns) and the measurements behind the
+choices.
+
+Errors: a lost connection, a missing table or any other problem that is not
+about particular items is transient (``SinkError``, retried; the connection is
+dropped and a new one made on the next write). A data or constraint error
+(SQLSTATE classes 22, 23 and 54) is about items: the batch is split in halves
+inside savepoints until the offending items are alone, the good ones are
+committed and each bad one is returned as a ``PermanentSinkError`` carrying the
+database's message, so it goes to the dead letters by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
+
+from ..errors import PermanentSinkError, SinkError
+from ..record import Batch
+from .base import require
+
+KEY_COLUMNS = ("_log_id", "_seq")
+MODES = ("jsonb", "columns")
+OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool")
+STAGE = "_walbatch_stage"
+# Item-level SQLSTATE classes: data exception, integrity constraint violation,
+# program limit exceeded (e.g. an index row too big). Anything else is about the
+# connection, the schema or the server, and retrying the batch is the cure.
+ITEM_CLASSES = ("22", "23", "54")
+_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?(\s*\[\d*\])*$")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One target column: its name, the item field it takes, its type (for ``create``)."""
+
+    name: str
+    field: str
+    type: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Column:
+        """``COLUMN[=FIELD][:TYPE]``, e.g. ``user_id:bigint`` or ``uid=user_id:bigint``."""
+        left, colon, type_ = spec.partition(":")
+        name, eq, field = left.partition("=")
+        name, field, type_ = name.strip(), field.strip(), type_.strip()
+        if not name or (eq and not field) or (colon and not type_):
+            raise ValueError(f"bad column {spec!r}: expected COLUMN, COLUMN:TYPE or "
+                             "COLUMN=FIELD[:TYPE]")
+        return cls(name, field if eq else name, type_ or None)
+
+
+def parse_columns(spec: str) -> list[Column]:
+    """Split ``a:int,b:numeric(10,2)`` on the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [Column.parse(p) for p in parts]
+
+
+class PostgreSQLSink:
+    """Writes batches to one PostgreSQL table; thread-safe (a small connection pool).
+
+    ``conninfo`` is anything libpq takes (a ``postgresql://`` URL without walbatch's
+    options, or ``key=value`` pairs). ``columns`` (spec strings, ``Column`` objects,
+    or a mapping ``{column: field}``) selects ``mode="columns"``; without them the
+    mode is ``"jsonb"``. Connections are opened on demand, at most ``pool`` at once
+    (one per concurrent ``write``), so nothing is contacted before the first batch.
+    """
+
+    def __init__(self, conninfo: str, *, table: str = "items",
+                 columns: str | Sequence[str | Column] | Mapping[str, str] | None = None,
+                 mode: str | None = None, item_column: str = "item", rest: str | None = None,
+                 create: bool = False, pool: int = 4) -> None:
+        self._psycopg = require("psycopg", "postgresql", "PostgreSQL")
+        from psycopg import sql
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(conninfo)
+        except self._psycopg.Error as ex:
+            raise ValueError(f"bad PostgreSQL connection string: {ex}".strip()) from None
+        # A server that never answers must not hang the flusher at connect.
+        params.setdefault("connect_timeout", 10)
+        self._params = params
+        self._where = _describe(params)
+
+        parts = table.split(".")
+        if not table or len(parts) > 2 or not all(parts):
+            raise ValueError(f"bad table {table!r}: expected NAME or SCHEMA.NAME")
+        self.table = table
+        self._table = sql.Identifier(*parts)
+
+        if isinstance(columns, str):
+            cols = parse_columns(columns)
+        elif isinstance(columns, Mapping):
+            cols = [Column(str(c), str(f)) for c, f in columns.items()]
+        elif columns is not None:
+            cols = [c if isinstance(c, Column) else Column.parse(c) for c in columns]
+        else:
+            cols = None
+        if mode is None:
+            mode = "columns" if cols is not None else "jsonb"
+        if mode not in MODES:
+            raise ValueError(f"bad mode {mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "jsonb" and (cols is not None or rest is not None):
+            raise ValueError("mode=jsonb puts the whole item in one column; columns= and rest= "
+                             "are for mode=columns")
+        if mode == "columns" and item_column != "item":
+            raise ValueError("item_column= is for mode=jsonb; mode=columns writes fields "
+                             "(rest= names a jsonb column for the other fields)")
+        if cols is not None:
+            if not cols:
+                raise ValueError("columns= lists no column")
+            names = [c.name for c in cols] + ([rest] if rest else [])
+            if len(set(names)) != len(names):
+                raise ValueError(f"a column is named twice in {names}")
+            clash = set(names) & set(KEY_COLUMNS)
+            if clash:
+                raise ValueError(f"{', '.join(sorted(clash))} hold the record's identity; "
+                                 "they cannot be item columns")
+            for c in cols:
+                if c.type is not None and not _TYPE_RE.match(c.type):
+                    raise ValueError(f"bad type {c.type!r} for column {c.name!r}")
+        if not item_column or item_column in KEY_COLUMNS:
+            raise ValueError(f"bad item_column {item_column!r}")
+        if create and mode == "columns":
+            untyped = [c.name for c in cols or [] if c.type is None]
+            if cols is None or untyped:
+                raise ValueError(
+                    "create=1 with mode=columns needs every column's type, e.g. "
+                    "columns=user_id:bigint,action:text"
+                    + (f" (no type for {', '.join(untyped)})" if untyped else ""))
+        if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+            raise ValueError(f"pool must be a positive integer, not {pool!r}")
+        self.mode = mode
+        self.columns = cols
+        self.item_column = item_column
+        self.rest = rest
+        self.create = create
+        self.pool = pool
+
+        self._cv = threading.Condition()
+        self._idle: list[_Session] = []
+        self._open = 0  # sessions idle or in use
+        self._closed = False
+        self._setup_lock = threading.Lock()  # one CREATE TABLE at a time
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, batch: Batch) -> list[BaseException | None] | None:
+        psycopg = self._psycopg
+        session = self._acquire()
+        keep = False
+        try:
+            rows, outcomes = session.rows(batch)
+            if rows:
+                try:
+                    with session.conn.transaction():
+                        session.copy_insert(rows)
+                except psycopg.Error as ex:
+                    if not _item_level(ex):
+                        raise
+                    # Rolled back: find the bad items, commit the rest.
+                    with session.conn.transaction():
+                        self._bisect(session, rows, outcomes)
+            keep = True
+        except psycopg.Error as ex:
+            raise SinkError(f"PostgreSQL {self._where}: {_message(ex)}{_hint(ex)}") from ex
+        finally:
+            self._release(session, keep)
+        return None if all(o is None for o in outcomes) else outcomes
+
+    def _bisect(self, session: _Session, rows: list[tuple[int, tuple]],
+                outcomes: list[BaseException | None]) -> None:
+        """Place ``rows`` in savepoints, halving every failing chunk until it is one row."""
+        psycopg = self._psycopg
+        todo = [rows]
+        while todo:
+            chunk = todo.pop()
+            try:
+                with session.conn.transaction():  # a savepoint: a failure undoes only the chunk
+                    session.copy_insert(chunk, move=True)
+            except psycopg.Error as ex:
+                if not _item_level(ex):
+                    raise
+                if len(chunk) == 1:
+                    outcomes[chunk[0][0]] = PermanentSinkError(
+                        f"PostgreSQL refused the item: {_item_message(ex)}")
+                    continue
+                mid = len(chunk) // 2
+                todo += [chunk[mid:], chunk[:mid]]  # the first half goes first, in batch order
+
+    # ----------------------------------------------------------- the pool
+
+    def _acquire(self) -> _Session:
+        with self._cv:
+            while True:
+                if self._closed:
+                    raise SinkError(f"PostgreSQL {self._where}: the sink is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.pool:
+                    self._open += 1
+                    break
+                self._cv.wait()
+        try:
+            return self._connect()
+        except BaseException:
+            with self._cv:
+                self._open -= 1
+                self._cv.notify()
+            raise
+
+    def _release(self, session: _Session, keep: bool) -> None:
+        # After any unexpected error the session's state is unknown (a half-done
+        # COPY, a changed table under the staging copy): start afresh next time.
+        keep = keep and session.healthy()
+        with self._cv:
+            if keep and not self._closed:
+                self._idle.append(session)
+                self._cv.notify()
+                return
+            self._open -= 1
+            self._cv.notify()
+        session.close()
+
+    def _connect(self) -> _Session:
+        psycopg = self._psycopg
+        try:
+            conn = psycopg.connect(**self._params, autocommit=True)
+        except psycopg.Error as ex:
+            raise SinkError(f"PostgreSQL {self._where}: cannot connect: {_message(ex)}") from ex
+        try:
+            with self._setup_lock:
+                return _Session(self, conn)
+        except BaseException as ex:
+            conn.close()
+            if isinstance(ex, psycopg.Error):
+                raise SinkError(f"PostgreSQL {self._where}: {_message(ex)}{_hint(ex)}") from ex
+            raise
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._cv.notify_all()
+        for s in idle:
+            s.close()
+
+    def __repr__(self) -> str:
+        return f"PostgreSQLSink({self._where!r}, table={self.table!r}, mode={self.mode!r})"
+
+
+class _Session:
+    """One connection with its staging table and statements, made for one sink."""
+
+    def __init__(self, sink: PostgreSQLSink, conn: Any) -> None:
+        from psycopg import sql
+
+        self.conn = conn
+        self.cur = conn.cursor()
+        if sink.create:
+            self._create_table(sink)
+        types = self._column_types(sink)
+        if sink.mode == "jsonb":
+            plan = [(sink.item_column, None, True)]
+        else:
+            cols = sink.columns
+            if cols is None:
+                # mode=columns without a list: the table's own columns, but not those
+                # that fill themselves (a default, identity or generated value), which
+                # an item without that field would otherwise overwrite with NULL.
+                cols = [Column(n, n) for n, (_, own) in types.items()
+                        if not own and n not in KEY_COLUMNS and n != sink.rest]
+                if not cols:
+                    raise SinkError(f"table {sink.table} has no column besides "
+                                    f"{', '.join(KEY_COLUMNS)} for mode=columns")
+            plan = [(c.name, c.field, types.get(c.name, ("",))[0] in ("json", "jsonb"))
+                    for c in cols]
+            if sink.rest:
+                plan.append((sink.rest, None, True))
+        wanted = [*KEY_COLUMNS, *(name for name, _, _ in plan)]
+        missing = [n for n in wanted if n not in types]
+        if missing:
+            raise SinkError(f"table {sink.table} has no column {', '.join(missing)}"
+                            + (" (create=1 makes the table)" if not sink.create else ""))
+        self.mode = sink.mode
+        self.fields = [(field, is_json) for _, field, is_json in plan if field is not None]
+        self.rest_fields = {f for f, _ in self.fields} if sink.rest else None
+        names = sql.SQL(", ").join(sql.Identifier(n) for n in wanted)
+        stage = sql.Identifier(STAGE)
+        # The staging table has the target's column types and nothing else (no
+        # constraint, index or trigger): COPY into it is as cheap as COPY gets,
+        # and ON COMMIT DELETE ROWS empties it at every commit for free.
+        self.cur.execute(sql.SQL(
+            "CREATE TEMPORARY TABLE {stage} ON COMMIT DELETE ROWS AS "
+            "SELECT {names} FROM {table} WITH NO DATA").format(
+                stage=stage, names=names, table=sink._table))
+        self.copy_sql = sql.SQL("COPY {stage} ({names}) FROM STDIN").format(
+            stage=stage, names=names)
+        conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
+            keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
+        self.insert_sql = sql.SQL(
+            "INSERT INTO {table} ({names}) SELECT {names} FROM {stage} {conflict}").format(
+                table=sink._table, names=names, stage=stage, conflict=conflict)
+        # While bisecting, several chunks share one transaction: each must take its
+        # rows out of the staging table, or the next chunk would insert them again.
+        self.move_sql = sql.SQL(
+            "WITH moved AS (DELETE FROM {stage} RETURNING {names}) "
+            "INSERT INTO {table} ({names}) SELECT {names} FROM moved {conflict}").format(
+                table=sink._table, names=names, stage=stage, conflict=conflict)
+
+    def _create_table(self, sink: PostgreSQLSink) -> None:
+        from psycopg import sql
+
+        if sink.mode == "jsonb":
+            defs = [sql.SQL("{} jsonb").format(sql.Identifier(sink.item_column))]
+        else:
+            assert sink.columns is not None
+            defs = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type or ""))
+                    for c in sink.columns]
+            if sink.rest:
+                defs.append(sql.SQL("{} jsonb").format(sql.Identifier(sink.rest)))
+        self.cur.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {table} ("
+            "_log_id uuid NOT NULL, _seq bigint NOT NULL, {defs}, "
+            "PRIMARY KEY (_log_id, _seq))").format(table=sink._table, defs=sql.SQL(", ").join(defs)))
+
+    def _column_types(self, sink: PostgreSQLSink) -> dict[str, tuple[str, bool]]:
+        """``{column: (type name, fills itself)}`` of the target table, in column order."""
+        from psycopg import sql
+
+        name = sink._table.as_string(self.conn)
+        (oid,) = self.cur.execute("SELECT to_regclass(%s)::oid", (name,)).fetchone()
+        if oid is None:
+            raise SinkError(f"table {sink.table} does not exist (create it, or add create=1 "
+                            "to the sink URL)")
+        rows = self.cur.execute(sql.SQL(
+            "SELECT a.attname, t.typname, a.atthasdef OR a.attidentity <> '' "
+            "OR a.attgenerated <> '' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"),
+            (oid,)).fetchall()
+        return {name: (typname, own) for name, typname, own in rows}
+
+    # ---------------------------------------------------------------- rows
+
+    def rows(self, batch: Batch) -> tuple[list[tuple[int, tuple]], list[BaseException | None]]:
+        """``(index, row)`` for every record that converts, and the outcomes so far."""
+        log_id = batch.log_id
+        outcomes: list[BaseException | None] = [None] * len(batch)
+        rows: list[tuple[int, tuple]] = []
+        if self.mode == "jsonb":
+            for i, r in enumerate(batch):
+                try:
+                    rows.append((i, (log_id, r.seq, _json(r.item))))
+                except (TypeError, ValueError) as ex:
+                    outcomes[i] = PermanentSinkError(f"item cannot be stored as JSON: {ex}")
+            return rows, outcomes
+        fields = self.fields
+        for i, r in enumerate(batch):
+            item = r.item
+            if not isinstance(item, dict):
+                outcomes[i] = PermanentSinkError(
+                    f"mode=columns takes dict items; this one is a {type(item).__name__}")
+                continue
+            try:
+                row = [log_id, r.seq]
+                for field, is_json in fields:
+                    row.append(_cell(item.get(field), is_json))
+                if self.rest_fields is not None:
+                    extra = {k: v for k, v in item.items() if k not in self.rest_fields}
+                    row.append(_json(extra) if extra else None)
+            except (TypeError, ValueError) as ex:
+                outcomes[i] = PermanentSinkError(f"item cannot be stored: {ex}")
+                continue
+            rows.append((i, tuple(row)))
+        return rows, outcomes
+
+    def copy_insert(self, rows: list[tuple[int, tuple]], move: bool = False) -> None:
+        with self.cur.copy(self.copy_sql) as copy:
+            write_row = copy.write_row
+            for _, row in rows:
+                write_row(row)
+        self.cur.execute(self.move_sql if move else self.insert_sql)
+
+    def healthy(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return not self.conn.closed and self.conn.info.transaction_status == TransactionStatus.IDLE
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # closing a broken connection must not mask the real error
+            pass
+
+
+# ------------------------------------------------------------------ values
+
+
+def _json(value: Any) -> str:
+    # allow_nan=False: jsonb refuses NaN anyway; failing here names the item.
+    return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":"))
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"$base64": base64.b64encode(bytes(v)).decode()}
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def _cell(v: Any, is_json: bool) -> Any:
+    if v is None:
+        return None
+    if is_json or isinstance(v, (dict, list, tuple)):
+        return _json(v)
+    if isinstance(v, (str, int, float, bytes)):  # bool is an int
+        return v
+    raise TypeError(f"{type(v).__name__} cannot be stored in a column")
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _item_level(ex: BaseException) -> bool:
+    """Is this error about the rows (retrying them cannot help) rather than the connection?"""
+    import psycopg
+
+    sqlstate = getattr(ex, "sqlstate", None)
+    if sqlstate:
+        return sqlstate[:2] in ITEM_CLASSES
+    # Raised by psycopg itself while dumping a row (a NUL in a string).
+    return isinstance(ex, psycopg.DataError)
+
+
+def _message(ex: BaseException) -> str:
+    text = str(ex).strip()
+    return f"{type(ex).__name__}: {text}" if text else type(ex).__name__
+
+
+def _item_message(ex: BaseException) -> str:
+    """The server's message about one row, without the staging table's line numbers."""
+    diag = getattr(ex, "diag", None)
+    primary = diag.message_primary if diag is not None else None
+    if not primary:
+        return _message(ex)
+    text = f"{type(ex).__name__}: {primary}"
+    if diag.message_detail:
+        text += f" ({diag.message_detail})"
+    copy_column = re.search(r"^COPY [^,]+, line \d+, column ([^:]+):", diag.context or "")
+    if copy_column and f"column {copy_column[1]}" not in text:
+        text += f" [column {copy_column[1]}]"
+    return text
+
+
+def _hint(ex: BaseException) -> str:
+    if getattr(ex, "sqlstate", None) == "42P10":
+        return (" (the table needs a primary key or unique index on (_log_id, _seq): "
+                "walbatch relies on it to drop redelivered records)")
+    return ""
+
+
+def _describe(params: Mapping[str, Any]) -> str:
+    """``host:port/dbname`` for messages and repr: never the password."""
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port")
+    db = params.get("dbname") or params.get("user") or ""
+    return f"{host}{':' + str(port) if port else ''}/{db}"
+
+
+# --------------------------------------------------------------------- URL
+
+
+def from_url(url: str) -> PostgreSQLSink:
+    """``postgresql://user@host:port/db?table=events&columns=a:int,b:text&create=1``.
+
+    walbatch's options (table, columns, mode, item_column, rest, create, pool) are
+    taken out of the query; every other parameter goes to libpq (sslmode,
+    connect_timeout, options, host=/socket/dir, ...).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {url!r}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError as ex:
+        raise ValueError(f"bad PostgreSQL URL: {ex}") from None
+    ours: dict[str, str] = {}
+    libpq: list[str] = []
+    for pair in filter(None, parts.query.split("&")):
+        key = unquote_plus(pair.partition("=")[0])
+        if key in OPTIONS:
+            ours[key] = unquote_plus(pair.partition("=")[2])
+        else:
+            # Verbatim: libpq decodes %XX itself and, unlike a form, keeps "+" as "+".
+            libpq.append(pair)
+    for k in ("table", "columns", "mode", "item_column", "rest", "pool"):
+        if k in ours and not ours[k]:
+            raise ValueError(f"sink URL option {k}= is empty")
+    create = ours.get("create", "0").lower()
+    if create not in _TRUE + _FALSE:
+        raise ValueError(f"sink URL option create={ours['create']!r}: expected 1 or 0")
+    pool = ours.get("pool", "4")
+    if not pool.isdigit() or int(pool) < 1:
+        raise ValueError(f"sink URL option pool={pool!r}: expected a positive integer")
+    conninfo = urlunsplit(parts._replace(scheme="postgresql", query="&".join(libpq)))
+    try:
+        return PostgreSQLSink(conninfo, table=ours.get("table", "items"),
+                              columns=ours.get("columns"), mode=ours.get("mode"),
+                              item_column=ours.get("item_column", "item"), rest=ours.get("rest"),
+                              create=create in _TRUE, pool=int(pool))
+    except ValueError as ex:
+        if "connection string" in str(ex):
+            raise ValueError(f"{ex} (walbatch's own options are {', '.join(OPTIONS)}; "
+                             "the others go to libpq)") from None
+        raise
