@@ -87,6 +87,10 @@ unserialisable = st.sampled_from(
 )
 
 
+# Batching keys: most items unkeyed, as in practice; keyed ones must never share a batch.
+keys = st.sampled_from([None, None, "a", 7])
+
+
 def note(what: str) -> None:
     """Count ``what`` in --hypothesis-show-statistics (and ignore it outside hypothesis)."""
     if currently_in_test_context():
@@ -126,6 +130,9 @@ class ModelSink:
         with self._lock:
             for rec in batch:
                 key = (batch.log_id, rec.seq)
+                if isinstance(rec.item, dict) and rec.item.get("key") != batch.key:
+                    self.conflicts.append(f"MIXED seq {rec.seq} submitted under key "
+                                          f"{rec.item.get('key')!r} arrived in a batch of {batch.key!r}")
                 first = self.seen.setdefault(key, rec.item)
                 if first != rec.item:
                     self.conflicts.append(
@@ -203,10 +210,10 @@ class BatcherMachine(RuleBasedStateMachine):
         if self.batcher.log_id != self.log_id:
             self.log_id_changes.append(f"LOG_ID changed on reopen: {self.log_id} -> {self.batcher.log_id}")
 
-    def _new_item(self, body: Any, poison: bool) -> dict[str, Any]:
+    def _new_item(self, body: Any, poison: bool, key: Any = None) -> dict[str, Any]:
         with self.id_lock:
             self.next_id += 1
-            item = {"id": self.next_id, "poison": poison, "body": body}
+            item = {"id": self.next_id, "poison": poison, "body": body, "key": key}
             self.tried[self.next_id] = item
         return item
 
@@ -222,13 +229,13 @@ class BatcherMachine(RuleBasedStateMachine):
         self.max_acked = seqs[-1]
         self.slack = 0
 
-    def _commit(self, items: list[Any], many: bool) -> None:
+    def _commit(self, items: list[Any], many: bool, key: Any = None) -> None:
         assert self.batcher is not None
         try:
             if many:
-                seqs = list(self.batcher.submit_many(items).seqs)
+                seqs = list(self.batcher.submit_many(items, key=key).seqs)
             else:
-                seqs = [self.batcher.submit(items[0]).seq]
+                seqs = [self.batcher.submit(items[0], key=key).seq]
         except LogFailed:
             assert self.failed, "submit raised LogFailed although no write had failed"
             return
@@ -319,21 +326,21 @@ class BatcherMachine(RuleBasedStateMachine):
         """128-byte segments hold about two small frames; 2048 holds many."""
         self.start(segment_bytes)
 
-    @rule(body=bodies, poison=st.booleans())
+    @rule(body=bodies, poison=st.booleans(), key=keys)
     @_step
-    def submit(self, body: Any, poison: bool) -> None:
-        self._commit([self._new_item(body, poison)], many=False)
+    def submit(self, body: Any, poison: bool, key: Any = None) -> None:
+        self._commit([self._new_item(body, poison, key)], many=False, key=key)
 
-    @rule(specs=st.lists(st.tuples(bodies, st.booleans()), max_size=8))
+    @rule(specs=st.lists(st.tuples(bodies, st.booleans()), max_size=8), key=keys)
     @_step
-    def submit_many(self, specs: list[tuple[Any, bool]]) -> None:
+    def submit_many(self, specs: list[tuple[Any, bool]], key: Any = None) -> None:
         assert self.batcher is not None
         if not specs:
             receipts = self.batcher.submit_many([])
             assert len(receipts) == 0
             assert self.max_acked < receipts.first_seq <= self.max_acked + 1 + self.slack, receipts
             return
-        self._commit([self._new_item(b, p) for b, p in specs], many=True)
+        self._commit([self._new_item(b, p, key) for b, p in specs], many=True, key=key)
 
     @rule(bad=unserialisable, many=st.booleans(), body=bodies)
     @_step

@@ -6,6 +6,9 @@ item would push it past ``max_bytes`` (``bytes``; an item larger than
 ``max_bytes`` travels alone), or ``max_delay`` seconds after its *first* item
 arrived (``time``); the caller can also close it for ``flush``, ``shutdown`` or
 ``replay``.
+
+Keyed batching (``KeyedPolicies``) keeps one such policy per key, so a batch
+never mixes keys and each key has its own size, byte and time triggers.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-REASONS = ("size", "bytes", "time", "flush", "shutdown", "replay")
+REASONS = ("size", "bytes", "time", "flush", "shutdown", "replay", "keys")
 
 
 @dataclass(slots=True)
@@ -23,6 +26,7 @@ class ClosedBatch(Generic[T]):
     items: list[T]
     nbytes: int
     reason: str
+    key: Any = None
 
 
 @dataclass(slots=True)
@@ -30,6 +34,7 @@ class BatchPolicy(Generic[T]):
     max_items: int = 500
     max_bytes: int = 1 << 20
     max_delay: float = 0.2
+    key: Any = None
     _items: list[T] = field(default_factory=list)
     _bytes: int = 0
     _started: float | None = None
@@ -99,9 +104,93 @@ class BatchPolicy(Generic[T]):
         """Close the open batch now, whatever its size, or None if it is empty."""
         return self._close(reason) if self._items else None
 
+    def set_max_items(self, n: int) -> ClosedBatch[T] | None:
+        """Change the size trigger (adaptive batching); close the open batch if it is now full."""
+        self.max_items = max(1, n)
+        if len(self._items) >= self.max_items:
+            return self._close("size")
+        return None
+
     def _close(self, reason: str) -> ClosedBatch[Any]:
-        batch = ClosedBatch(self._items, self._bytes, reason)
+        batch = ClosedBatch(self._items, self._bytes, reason, self.key)
         self._items = []
         self._bytes = 0
         self._started = None
         return batch
+
+
+class KeyedPolicies(Generic[T]):
+    """One BatchPolicy per key, created on a key's first item, dropped when it closes.
+
+    At most ``max_keys`` keyed batches are open at once: a new key past that
+    closes the oldest open batch first (reason ``keys``), which bounds memory
+    and how long a rarely-seen key can hold back the checkpoint.
+    """
+
+    def __init__(self, max_items: int, max_bytes: int, max_delay: float, max_keys: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        self._open: dict[Any, BatchPolicy[T]] = {}  # insertion order = oldest first
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def keys_open(self) -> int:
+        return len(self._open)
+
+    def add(self, key: Any, item: T, size: int, now: float) -> list[ClosedBatch[T]]:
+        out: list[ClosedBatch[T]] = []
+        policy = self._open.get(key)
+        if policy is None:
+            if len(self._open) >= self.max_keys:
+                oldest = next(iter(self._open))
+                closed = self._open.pop(oldest).take("keys")
+                if closed is not None:
+                    self._count -= len(closed.items)
+                    out.append(closed)
+            policy = self._open[key] = BatchPolicy(self.max_items, self.max_bytes, self.max_delay,
+                                                   key=key)
+        closed_now = policy.add(item, size, now)
+        self._count += 1
+        for c in closed_now:
+            self._count -= len(c.items)
+        out.extend(closed_now)
+        if not len(policy):
+            del self._open[key]
+        return out
+
+    def deadline(self) -> float | None:
+        due = [d for p in self._open.values() if (d := p.deadline()) is not None]
+        return min(due) if due else None
+
+    def poll(self, now: float) -> list[ClosedBatch[T]]:
+        """Close every keyed batch whose time is up."""
+        out = []
+        for key in [k for k, p in self._open.items() if (d := p.deadline()) is not None and now >= d]:
+            closed = self._open.pop(key).take("time")
+            if closed is not None:
+                self._count -= len(closed.items)
+                out.append(closed)
+        return out
+
+    def take_all(self, reason: str) -> list[ClosedBatch[T]]:
+        """Close every open keyed batch now (flush, shutdown, replay), oldest first."""
+        out = [c for p in self._open.values() if (c := p.take(reason)) is not None]
+        self._open.clear()
+        self._count = 0
+        return out
+
+    def set_max_items(self, n: int) -> list[ClosedBatch[T]]:
+        self.max_items = max(1, n)
+        out = []
+        for key in list(self._open):
+            closed = self._open[key].set_max_items(n)
+            if closed is not None:
+                self._count -= len(closed.items)
+                del self._open[key]
+                out.append(closed)
+        return out

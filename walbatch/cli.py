@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import importlib
 import inspect
 import json
 import logging
@@ -80,6 +81,26 @@ class Size(click.ParamType):
         return size
 
 
+class Callable_(click.ParamType):
+    """``module:function``, imported when the command runs (e.g. ``--combine``)."""
+
+    name = "module:function"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if callable(value):
+            return value
+        module, _, attr = str(value).partition(":")
+        if not module or not attr:
+            self.fail(f"{value!r} is not module:function", param, ctx)
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as ex:
+            self.fail(f"cannot load {value!r}: {ex}", param, ctx)
+        if not callable(fn):
+            self.fail(f"{value!r} is not callable", param, ctx)
+        return fn
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each dataclass field (the style of options.py)."""
     tree = ast.parse(inspect.getsource(cls))
@@ -106,7 +127,11 @@ def batcher_options(f):  # type: ignore[no-untyped-def]
             ptype: Any = Size()
         elif fld.name == "on_corruption":
             ptype = click.Choice(["raise", "quarantine"])
-        elif fld.name == "retry_limit" or isinstance(fld.default, int):
+        elif fld.name == "combine":
+            ptype = Callable_()
+        elif isinstance(fld.default, bool):
+            ptype = click.BOOL
+        elif fld.name in ("retry_limit", "breaker_failures") or isinstance(fld.default, int):
             ptype = click.IntRange(min=0)
         else:
             ptype = click.FloatRange(min=0)

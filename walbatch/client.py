@@ -121,19 +121,21 @@ class Client:
 
     # --------------------------------------------------------------- calls
 
-    def submit(self, item: Any) -> int:
-        return int(self.request({"op": "submit", "item": item})["first_seq"])
+    def submit(self, item: Any, key: str | int | bytes | None = None) -> int:
+        return int(self.request(_submit(item, key))["first_seq"])
 
-    def submit_many(self, items: list[Any]) -> range:
-        resp = self.request({"op": "submit", "items": list(items)})
+    def submit_many(self, items: list[Any], key: str | int | bytes | None = None) -> range:
+        resp = self.request(_submit_many(items, key))
         return range(resp["first_seq"], resp["first_seq"] + resp["count"])
 
-    def submit_async(self, item: Any) -> Future[dict[str, Any]]:
+    def submit_async(self, item: Any, key: str | int | bytes | None = None
+                     ) -> Future[dict[str, Any]]:
         """Send a submit without waiting; the Future yields the raw ``ok`` response."""
-        return self.send({"op": "submit", "item": item})
+        return self.send(_submit(item, key))
 
-    def submit_many_async(self, items: list[Any]) -> Future[dict[str, Any]]:
-        return self.send({"op": "submit", "items": list(items)})
+    def submit_many_async(self, items: list[Any], key: str | int | bytes | None = None
+                          ) -> Future[dict[str, Any]]:
+        return self.send(_submit_many(items, key))
 
     def stats(self) -> dict[str, Any]:
         return dict(self.request({"op": "stats"})["stats"])
@@ -272,11 +274,11 @@ class AsyncClient:
         self._connecting = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Any) -> int:
-        return int((await self.request({"op": "submit", "item": item}))["first_seq"])
+    async def submit(self, item: Any, key: str | int | bytes | None = None) -> int:
+        return int((await self.request(_submit(item, key)))["first_seq"])
 
-    async def submit_many(self, items: list[Any]) -> range:
-        resp = await self.request({"op": "submit", "items": list(items)})
+    async def submit_many(self, items: list[Any], key: str | int | bytes | None = None) -> range:
+        resp = await self.request(_submit_many(items, key))
         return range(resp["first_seq"], resp["first_seq"] + resp["count"])
 
     async def stats(self) -> dict[str, Any]:
@@ -369,3 +371,17 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _submit(item: Any, key: Any) -> dict[str, Any]:
+    msg = {"op": "submit", "item": item}
+    if key is not None:
+        msg["key"] = key
+    return msg
+
+
+def _submit_many(items: list[Any], key: Any) -> dict[str, Any]:
+    msg = {"op": "submit", "items": list(items)}
+    if key is not None:
+        msg["key"] = key
+    return msg

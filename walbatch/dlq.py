@@ -41,6 +41,8 @@ class DeadLetter:
     attempts: int
     lost: bool
     """True for seqs lost to corruption: there is no payload to requeue."""
+    key: Any = None
+    """The batching key the item was submitted with (None: unkeyed); requeue keeps it."""
 
 
 class DeadLetterStore:
@@ -60,9 +62,11 @@ class DeadLetterStore:
             if TABLE not in self.db.table_names():
                 self.db[TABLE].create(
                     {"log_id": str, "seq": int, "item": bytes, "error": str, "error_type": str,
-                     "failed_at": float, "attempts": int, "lost": int},
+                     "failed_at": float, "attempts": int, "lost": int, "key": bytes},
                     pk=("log_id", "seq"),
                 )
+            elif "key" not in self.db[TABLE].columns_dict:  # a store from before keys
+                self.db[TABLE].add_column("key", bytes)
             conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
         except sqlite3.DatabaseError as ex:
             conn.close()
@@ -74,16 +78,17 @@ class DeadLetterStore:
         return cls(os.path.join(data_dir, DLQ_FILE))
 
     def add(self, log_id: str, records: Iterable[tuple[int, Any]], error: BaseException | str,
-            attempts: int = 1, lost: bool = False) -> int:
+            attempts: int = 1, lost: bool = False, key: Any = None) -> int:
         """Durably record ``records`` (``(seq, item)`` pairs) as dead with ``error``."""
         now = time.time()
+        packed_key = None if key is None else msgpack.packb(key, use_bin_type=True)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         etype = "Lost" if lost else (type(error).__name__ if not isinstance(error, str) else "")
         rows = [
             {"log_id": log_id, "seq": seq,
              "item": None if lost else msgpack.packb(item, use_bin_type=True),
              "error": text, "error_type": etype, "failed_at": now,
-             "attempts": attempts, "lost": int(lost)}
+             "attempts": attempts, "lost": int(lost), "key": packed_key}
             for seq, item in records
         ]
         with self._lock, self.db.conn:
@@ -129,7 +134,11 @@ class DeadLetterStore:
         chosen = [d for d in self.list() if not d.lost and (wanted is None or d.seq in wanted)]
         if not chosen:
             return 0
-        batcher.submit_many([d.item for d in chosen])
+        by_key: dict[Any, list[Any]] = {}
+        for d in chosen:
+            by_key.setdefault(d.key, []).append(d.item)
+        for key, items in by_key.items():
+            batcher.submit_many(items, key=key)
         return self.remove((d.log_id, d.seq) for d in chosen)
 
     def close(self) -> None:
@@ -159,8 +168,9 @@ _MAX_LOST_ROWS = 10_000
 def _row(r: dict[str, Any]) -> DeadLetter:
     item = None if r["item"] is None else msgpack.unpackb(
         r["item"], raw=False, strict_map_key=False)
+    key = None if r.get("key") is None else msgpack.unpackb(r["key"], raw=False)
     return DeadLetter(r["log_id"], r["seq"], item, r["error"], r["error_type"],
-                      r["failed_at"], r["attempts"], bool(r["lost"]))
+                      r["failed_at"], r["attempts"], bool(r["lost"]), key)
 
 
 def list_dead_letters(data_dir: str, limit: int | None = None) -> list[DeadLetter]:

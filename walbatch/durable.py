@@ -28,6 +28,7 @@ from .errors import Closed, LogFull
 from .fileio import FileSystem
 from .flusher import Flusher
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
+from .keys import check_key, wrap
 from .log import Log
 from .options import Options
 from .sinks.base import resolve_sink
@@ -51,9 +52,25 @@ def _encode(item: Any) -> bytes:
         ) from None
 
 
-def _encode_many(items: Iterable[Any]) -> tuple[bytes, int]:
+def _encode_keyed(item: Any, key: Any) -> bytes:
+    """One keyed item's encoding (see walbatch.keys)."""
+    if key is None:
+        return _encode(item)
+    check_key(key)
+    return _encode(wrap(_encode(key), _encode(item)))
+
+
+def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
     """The concatenated msgpack encodings of ``items`` (a frame payload) and their count."""
     seq = items if isinstance(items, list) else list(items)
+    if key is not None:
+        check_key(key)
+        kb = _encode(key)
+        try:
+            seq = [wrap(kb, _encode(i)) for i in seq]
+        except TypeError:
+            _raise_unencodable(seq)
+            raise
     n = len(seq)
     try:
         packed = _tls.pack_list(seq)
@@ -191,6 +208,16 @@ class Stats:
     retries: int = 0
     last_error: str | None = None
     lost_to_corruption: int = 0
+    coalesced: int = 0
+    """Delivered items that a ``combine`` hook merged into others (part of ``delivered``)."""
+    keys_open: int = 0
+    """Keys with an open batch (keyed batching)."""
+    batch_limit: int = 0
+    """The size trigger in force: ``max_items``, or the adaptive limit."""
+    breaker_state: str = "off"
+    """The circuit breaker: ``off`` (not configured), ``closed``, ``open`` or ``half_open``."""
+    breaker_opens: int = 0
+    """How many times the circuit breaker opened."""
 
 
 def collect_stats(log_: Log, f: Flusher, commit_groups: int) -> Stats:
@@ -202,6 +229,8 @@ def collect_stats(log_: Log, f: Flusher, commit_groups: int) -> Stats:
         done = f.done_through
         by_reason = dict(f.batches_by_reason)
         retries, last_error, cp = f.retries, f.last_error, f.persisted.seq
+        coalesced, batch_limit = f.coalesced, f.batch_limit
+        breaker = ("off", 0) if f.breaker is None else (f.breaker.state, f.breaker.opened)
     submitted = max(log_.synced_seq, done)
     segs = log_.segments()
     return Stats(
@@ -219,6 +248,11 @@ def collect_stats(log_: Log, f: Flusher, commit_groups: int) -> Stats:
         retries=retries,
         last_error=last_error,
         lost_to_corruption=sum(r.last - r.first + 1 for r in log_.lost),
+        coalesced=coalesced,
+        keys_open=f.keyed.keys_open,
+        batch_limit=batch_limit,
+        breaker_state=breaker[0],
+        breaker_opens=breaker[1],
     )
 
 
@@ -294,24 +328,27 @@ class DurableBatcher:
 
     # -------------------------------------------------------------- submit
 
-    def submit(self, item: Any) -> Receipt:
+    def submit(self, item: Any, key: str | int | bytes | None = None) -> Receipt:
         """Durably append one item; return once it is fsync'd.
+
+        ``key`` (a str, int or bytes) puts the item in that key's batches: a
+        batch never mixes keys, and each key's batches reach the sink in order.
 
         Raises TypeError (nothing written) for an item msgpack cannot encode,
         LogFull when the log stays full for ``submit_timeout``, Closed after
         close(), LogFailed/LogWriteError when the disk fails.
         """
-        data = _encode(item)
+        data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
         self._wait_for_room(len(data))
         return Receipt(self._committer.commit(data, 1), self._flusher)
 
-    def submit_many(self, items: Iterable[Any]) -> Receipts:
-        """Durably append all ``items`` in one write and one fsync.
+    def submit_many(self, items: Iterable[Any], key: str | int | bytes | None = None) -> Receipts:
+        """Durably append all ``items`` in one write and one fsync (all under ``key``).
 
         All or nothing: if any item cannot be encoded, nothing is written.
         """
-        payload, count = _encode_many(items)
+        payload, count = _encode_many(items, key)
         if count == 0:
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
         _check_frame_size(len(payload))
@@ -322,14 +359,14 @@ class DurableBatcher:
         self._wait_for_room(len(payload))
         return self._committer.commit(payload, count)
 
-    async def asubmit(self, item: Any) -> Receipt:
+    async def asubmit(self, item: Any, key: str | int | bytes | None = None) -> Receipt:
         """``submit`` for asyncio: same promise, without blocking the event loop.
 
         Items submitted from one event loop while a commit is running are
         committed together by a helper thread. If the awaiting task is
         cancelled the item may still have been acknowledged.
         """
-        data = _encode(item)
+        data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
         if self._closing:
             raise Closed("the batcher is closed; the item was not written")
@@ -342,9 +379,10 @@ class DurableBatcher:
             loop.create_task(self._aio_drain(loop, q))
         return await fut
 
-    async def asubmit_many(self, items: Iterable[Any]) -> Receipts:
+    async def asubmit_many(self, items: Iterable[Any],
+                           key: str | int | bytes | None = None) -> Receipts:
         """``submit_many`` for asyncio: all or nothing, one frame with its group."""
-        payload, count = _encode_many(items)
+        payload, count = _encode_many(items, key)
         if count == 0:
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
         _check_frame_size(len(payload))

@@ -26,11 +26,13 @@ from typing import Any
 
 import msgpack
 
-from .batcher import REASONS, BatchPolicy, ClosedBatch
+from .batcher import REASONS, BatchPolicy, ClosedBatch, KeyedPolicies
+from .breaker import CircuitBreaker
 from .checkpoint import Checkpoint
 from .dlq import DeadLetterStore
 from .errors import CorruptLog, DeadLettered, SinkError
 from .framing import decode_items
+from .keys import KEY_EXT, Keyed, ext_hook
 from .log import Log, RawFrame
 from .options import Options
 from .record import Batch, Record
@@ -40,6 +42,7 @@ _record = partial(tuple.__new__, Record)  # Record((seq, item)) built in C
 log = logging.getLogger("walbatch")
 
 _MAX_REMEMBERED_DEAD = 100_000
+_MAX_QUEUED_PER_SLOT = 4
 
 
 class _Abandoned(Exception):
@@ -55,6 +58,9 @@ class Flusher:
         self.opts = opts
         self.log_id = str(log_.log_id)
         self.policy: BatchPolicy[Record] = BatchPolicy(opts.max_items, opts.max_bytes, opts.max_delay)
+        self.keyed: KeyedPolicies[Record] = KeyedPolicies(opts.max_items, opts.max_bytes,
+                                                          opts.max_delay, opts.max_open_keys)
+        self._keyed_in_frame = False  # set by _ext_hook while decoding
         self._cv = threading.Condition(threading.Lock())
         # --- intake (guarded by _cv)
         self._tail: deque[RawFrame] = deque()
@@ -80,6 +86,12 @@ class Flusher:
         self.dead_seqs: dict[int, str] = {}
         self.batches_by_reason = dict.fromkeys(REASONS, 0)
         self.retries = 0
+        self.coalesced = 0
+        self.breaker = (CircuitBreaker(opts.breaker_failures, opts.breaker_cooldown)
+                        if opts.breaker_failures else None)
+        self.batch_limit = (max(1, min(opts.max_items, opts.adaptive_min_items))
+                            if opts.adaptive_batching else opts.max_items)
+        self._limit_wanted: int | None = self.batch_limit if opts.adaptive_batching else None
         self.last_error: str | None = None
         self.fatal: BaseException | None = None
         self.persisted = cp
@@ -91,6 +103,10 @@ class Flusher:
         self._deadline: float | None = None
         self._abandoned = False
         self._inflight = 0
+        # Keyed batches of one key go to the sink one at a time, in order: while one is
+        # there, the key's later batches wait here (at most _MAX_QUEUED_PER_SLOT per slot).
+        self._key_queues: dict[Any, deque[ClosedBatch[Record]]] = {}
+        self._queued = 0
         self._pool = (
             ThreadPoolExecutor(opts.flush_concurrency, thread_name_prefix="walbatch-deliver")
             if opts.flush_concurrency > 1 else None
@@ -176,37 +192,62 @@ class Flusher:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             self.exited.set()
 
+    def _open_items(self) -> int:
+        return len(self.policy) + len(self.keyed)
+
+    def _take_all(self, reason: str) -> list[ClosedBatch[Record]]:
+        """Close every open batch, unkeyed and keyed (flush, shutdown, replay, a gap)."""
+        closed = self.policy.take(reason)
+        rest = self.keyed.take_all(reason) if len(self.keyed) else []
+        return rest if closed is None else [closed, *rest]
+
+    def _poll(self, now: float) -> list[ClosedBatch[Record]]:
+        closed = self.policy.poll(now)
+        rest = self.keyed.poll(now) if len(self.keyed) else []
+        return rest if closed is None else [closed, *rest]
+
+    def _apply_limit(self) -> None:
+        """Adaptive batching: the size trigger the last deliveries asked for."""
+        with self._cv:
+            n, self._limit_wanted = self._limit_wanted, None
+        if n is None:
+            return
+        closed = self.policy.set_max_items(n)
+        for c in ([closed] if closed is not None else []) + self.keyed.set_max_items(n):
+            self._dispatch(c)
+
     def _loop(self) -> None:
-        policy = self.policy
         while True:
             if self._stop.is_set() and (self._abandoned or self._past_deadline()):
                 return
+            if self._limit_wanted is not None:
+                self._apply_limit()
             frames = self._take_frames()
             now = time.monotonic()
             for frame in frames:
                 self._feed(frame, now)
             if not frames:
-                closed = policy.poll(now)
-                if closed is not None:
+                for closed in self._poll(now):
                     self._dispatch(closed)
-                elif len(policy) and self._flush_due():
-                    self._dispatch(policy.take("flush" if not self._stop.is_set() else "shutdown"))
+                if self._open_items() and self._flush_due():
+                    for closed in self._take_all("flush" if not self._stop.is_set() else "shutdown"):
+                        self._dispatch(closed)
             self._write_checkpoint()
             if frames:
                 continue
             with self._cv:
                 if self._stop.is_set() and self._read_seq > self.log.synced_seq:
-                    if not len(policy) and self._inflight == 0:
+                    if not self._open_items() and self._inflight == 0:
                         return
-                    if len(policy):
+                    if self._open_items():
                         continue
                 if self._tail and self._tail_ok:
                     continue
                 if not self._tail_ok and self._read_seq <= self.log.synced_seq:
                     continue
                 timeout = self._next_wakeup(now)
-                open_items = len(policy)
-                self._wake_items = 1 if not open_items else max(1, policy.max_items - open_items)
+                open_items = self._open_items()
+                self._wake_items = 1 if not open_items else max(1, self.policy.max_items - open_items)
                 self._waiting = True
                 self._cv.wait(timeout)
                 self._waiting = False
@@ -214,6 +255,9 @@ class Flusher:
     def _next_wakeup(self, now: float) -> float | None:
         times = []
         due = self.policy.deadline()
+        if due is not None:
+            times.append(due - now)
+        due = self.keyed.deadline() if len(self.keyed) else None
         if due is not None:
             times.append(due - now)
         if self.done_through > self.persisted.seq:
@@ -247,20 +291,26 @@ class Flusher:
         if len(policy) and policy.nbytes + total > policy.max_bytes >= total:
             self._dispatch_closed(policy.take("bytes"), replay)  # the frame fits a fresh batch
         if policy.nbytes + total <= policy.max_bytes:
-            self._feed_bulk(frame, now, replay, total)
+            items = self._decode(frame)
+            if self._keyed_in_frame:
+                self._keyed_in_frame = False
+                self._feed_each(frame, now, replay)  # route item by item to the keys' batches
+            else:
+                self._feed_bulk(frame, items, now, replay, total)
         else:
             self._feed_each(frame, now, replay)
         self._read_seq = frame.first_seq + frame.count
-        if replay and self._read_seq > self._replay_end and len(policy):
-            self._dispatch(policy.take("replay"))
+        if replay and self._read_seq > self._replay_end and self._open_items():
+            for closed in self._take_all("replay"):
+                self._dispatch(closed)
 
-    def _feed_bulk(self, frame: RawFrame, now: float, replay: bool, total: int) -> None:
+    def _feed_bulk(self, frame: RawFrame, items: list[Any], now: float, replay: bool,
+                   total: int) -> None:
         """The common case: the whole frame fits the byte budget, so only counts split it.
 
         Decoding and building Records happen in C (one Unpacker pass, tuple.__new__),
         which keeps the flusher from taking the GIL away from submitters for long.
         """
-        items = self._decode(frame)
         policy = self.policy
         n = len(items)
         seq = frame.first_seq + frame.skip
@@ -282,17 +332,28 @@ class Flusher:
             raise self._undecodable(frame, ex) from ex
         seq = frame.first_seq + frame.skip
         for item, size in (decoded[frame.skip:] if frame.skip else decoded):
-            for closed in self.policy.add(Record(seq, item), size, now):
+            if type(item) is Keyed:
+                closed_now = self.keyed.add(item.key, Record(seq, item.item), size, now)
+            else:
+                closed_now = self.policy.add(Record(seq, item), size, now)
+            for closed in closed_now:
                 self._dispatch_closed(closed, replay)
             seq += 1
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == KEY_EXT:
+            self._keyed_in_frame = True
+        return ext_hook(code, data)
 
     def _decode(self, frame: RawFrame) -> list[Any]:
         assert frame.payload is not None
         try:
             if frame.count == 1:
-                items = [msgpack.unpackb(frame.payload, raw=False, strict_map_key=False)]
+                items = [msgpack.unpackb(frame.payload, raw=False, strict_map_key=False,
+                                         ext_hook=self._ext_hook)]
             else:
                 unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                            ext_hook=self._ext_hook,
                                             max_buffer_size=max(len(frame.payload), 1 << 20))
                 unpacker.feed(frame.payload)
                 items = list(unpacker)
@@ -316,8 +377,7 @@ class Flusher:
         self._dispatch(closed)
 
     def _flush_open_batch_before_gap(self) -> None:
-        closed = self.policy.take("replay")
-        if closed is not None:
+        for closed in self._take_all("replay"):
             self._dispatch(closed)
 
     # ----------------------------------------------------------- delivery
@@ -330,22 +390,47 @@ class Flusher:
         if self._pool is None:
             self._deliver(closed)
             return
+        key = closed.key
+        slots = self.opts.flush_concurrency
         with self._cv:
-            while self._inflight >= self.opts.flush_concurrency:
+            while True:
+                if self.fatal is not None:
+                    raise self.fatal
+                if key is not None and key in self._key_queues:
+                    if self._queued < _MAX_QUEUED_PER_SLOT * slots:
+                        self._key_queues[key].append(closed)  # after the key's batch at the sink
+                        self._queued += 1
+                        return
+                elif self._inflight < slots:
+                    self._inflight += 1
+                    if key is not None:
+                        self._key_queues[key] = deque()
+                    break
                 self._cv.wait()
-            self._inflight += 1
         self._pool.submit(self._deliver_in_pool, closed)
 
-    def _deliver_in_pool(self, closed: ClosedBatch[Record]) -> None:
+    def _deliver_in_pool(self, closed: ClosedBatch[Record] | None) -> None:
+        """Deliver a batch, then the batches of its key that queued up meanwhile, in order."""
         self._delivery_thread.active = True
+        key = closed.key if closed is not None else None
         try:
-            self._deliver(closed)
+            while closed is not None:
+                if not self._abandoned:
+                    self._deliver(closed)
+                with self._cv:
+                    queue = self._key_queues.get(key) if key is not None else None
+                    closed = queue.popleft() if queue else None
+                    if closed is not None:
+                        self._queued -= 1
+                    self._cv.notify_all()
         except BaseException as ex:
             log.exception("walbatch delivery failed")
             with self._cv:
                 self.fatal = ex
         finally:
             with self._cv:
+                if key is not None:
+                    self._queued -= len(self._key_queues.pop(key, ()))
                 self._inflight -= 1
                 self._cv.notify_all()
 
@@ -357,35 +442,121 @@ class Flusher:
     def _deliver(self, closed: ClosedBatch[Record]) -> None:
         records = closed.items
         first, last = records[0].seq, records[-1].seq
+        key = closed.key
+        started = time.monotonic()
         attempt = 1
         todo = records
-        delivered = 0
+        coalesced = 0
+        if self.opts.combine is not None:
+            while True:
+                try:
+                    todo = self._combine(closed)
+                    break
+                except Exception as ex:  # a bug in the hook: loud, retried, nothing dropped
+                    if not self._backoff(attempt, ex):
+                        return
+                    attempt += 1
+            coalesced = len(records) - len(todo)
+            attempt = 1
+        delivered = coalesced
         dead: dict[int, str] = {}
         while todo:
-            batch = Batch(todo, self.log_id, closed.reason, attempt)
+            batch = Batch(todo, self.log_id, closed.reason, attempt, key, first, last, coalesced)
+            if not self._breaker_allows():
+                return  # shutdown deadline while the circuit was open: stays in the log
+            t0 = time.monotonic()
             try:
                 outcomes = self.sink.write(batch)
                 failed = self._check_outcomes(batch, outcomes)
             except Exception as ex:
-                if self._is_permanent(ex) or self._out_of_attempts(attempt):
-                    dead.update(self._dead_letter(todo, ex, attempt))
+                permanent = self._is_permanent(ex)
+                self._sink_answered(ok=permanent, latency=None, full=False)
+                if permanent or self._gave_up(attempt, started):
+                    dead.update(self._dead_letter(todo, ex, attempt, key))
                     break
                 if not self._backoff(attempt, ex):
                     return  # shutdown deadline: the batch stays in the log
                 attempt += 1
                 continue
+            self._sink_answered(ok=True, latency=time.monotonic() - t0,
+                                full=closed.reason == "size" and attempt == 1)
             delivered += len(todo) - len(failed)
             retry: list[Record] = []
             for rec, ex in failed:
-                if isinstance(ex, SinkError) and ex.retryable and not self._out_of_attempts(attempt):
+                if (isinstance(ex, SinkError) and ex.retryable
+                        and not self._gave_up(attempt, started)):
                     retry.append(rec)
                 else:
-                    dead.update(self._dead_letter([rec], ex, attempt))
+                    dead.update(self._dead_letter([rec], ex, attempt, key))
             if retry and not self._backoff(attempt, failed[0][1]):
                 return
             todo = retry
             attempt += 1
-        self._complete(first, last, delivered, len(dead), dead)
+        if coalesced:
+            with self._cv:
+                self.coalesced += coalesced
+        if last - first + 1 == len(records):
+            self._complete(first, last, delivered, len(dead), dead)
+        else:
+            self._complete_runs(records, dead)  # a keyed batch: its seqs interleave with others
+
+    def _combine(self, closed: ClosedBatch[Record]) -> list[Record]:
+        """Run the combine hook; check it only dropped records or changed items."""
+        assert self.opts.combine is not None
+        batch = Batch(closed.items, self.log_id, closed.reason, 1, closed.key)
+        kept = list(self.opts.combine(batch))
+        seqs = {r.seq for r in closed.items}
+        seen: set[int] = set()
+        for r in kept:
+            if not isinstance(r, Record):
+                raise TypeError(f"combine returned a {type(r).__name__}; expected Records "
+                                "taken from the batch")
+            if r.seq not in seqs or r.seq in seen:
+                raise ValueError(f"combine returned seq {r.seq}, which is not in the batch "
+                                 "or appears twice: it may drop records, not invent them")
+            seen.add(r.seq)
+        return kept
+
+    def _breaker_allows(self) -> bool:
+        """Wait while the circuit breaker is open; False if shutdown wants us to give up."""
+        if self.breaker is None:
+            return True
+        while True:
+            with self._cv:
+                wait = self.breaker.wait_time(time.monotonic())
+            if wait <= 0:
+                return True
+            if self._stop.is_set() and (self._deadline is None
+                                        or time.monotonic() + wait >= self._deadline):
+                self._abandoned = True
+                return False
+            if self._stop.is_set():
+                time.sleep(min(wait, 0.05))  # closing: keep checking the deadline
+            else:
+                self._stop.wait(wait)  # close() cuts the cool-down short
+
+    def _sink_answered(self, ok: bool, latency: float | None, full: bool) -> None:
+        """Feed the breaker and the adaptive size trigger with how the sink did."""
+        if self.breaker is None and not self.opts.adaptive_batching:
+            return
+        with self._cv:
+            if self.breaker is not None:
+                if ok:
+                    self.breaker.success()
+                else:
+                    self.breaker.failure(time.monotonic())
+            if not self.opts.adaptive_batching:
+                return
+            limit = self.batch_limit
+            if not ok or (latency is not None and latency > self.opts.adaptive_target_latency):
+                new = max(self.opts.adaptive_min_items, limit // 2)
+            elif full:
+                new = min(self.opts.max_items, max(limit + 1, limit * 3 // 2))
+            else:
+                return
+            if new != limit:
+                self.batch_limit = self._limit_wanted = new
+                self._cv.notify_all()
 
     def _check_outcomes(self, batch: Batch, outcomes: Any) -> list[tuple[Record, BaseException]]:
         if outcomes is None:
@@ -413,8 +584,12 @@ class Flusher:
             return not ex.retryable
         return isinstance(ex, self.opts.permanent_errors) if self.opts.permanent_errors else False
 
-    def _out_of_attempts(self, attempt: int) -> bool:
-        return self.opts.retry_limit is not None and attempt >= self.opts.retry_limit
+    def _gave_up(self, attempt: int, started: float) -> bool:
+        """Out of attempts (retry_limit) or of time (retry_max_elapsed)."""
+        if self.opts.retry_limit is not None and attempt >= self.opts.retry_limit:
+            return True
+        limit = self.opts.retry_max_elapsed
+        return limit is not None and time.monotonic() - started >= limit
 
     def _backoff(self, attempt: int, ex: BaseException) -> bool:
         """Sleep before the next attempt; False if shutdown wants us to give up."""
@@ -441,12 +616,12 @@ class Flusher:
         return True
 
     def _dead_letter(self, records: list[Record], ex: BaseException,
-                     attempts: int) -> dict[int, str]:
+                     attempts: int, key: Any = None) -> dict[int, str]:
         text = f"{type(ex).__name__}: {ex}"
         attempt = 1
         while True:
             try:
-                self.dlq.add(self.log_id, [(r.seq, r.item) for r in records], ex, attempts)
+                self.dlq.add(self.log_id, [(r.seq, r.item) for r in records], ex, attempts, key=key)
                 break
             except Exception as store_error:  # e.g. a full disk: retry, never skip
                 if not self._backoff(attempt, store_error):
@@ -460,18 +635,38 @@ class Flusher:
                   dead: dict[int, str]) -> None:
         with self._cv:
             self._completed[first] = (last, delivered, dead_n)
-            if len(self.dead_seqs) < _MAX_REMEMBERED_DEAD:
-                self.dead_seqs.update(dead)
-            self.delivered_above += delivered
-            self.dead_above += dead_n
-            while self.done_through + 1 in self._completed:
-                end, d, x = self._completed.pop(self.done_through + 1)
-                self.done_through = end
-                self.delivered_total += d
-                self.dead_total += x
-                self.delivered_above -= d
-                self.dead_above -= x
-            self._cv.notify_all()
+            self._advance(delivered, dead_n, dead)
+
+    def _complete_runs(self, records: list[Record], dead: dict[int, str]) -> None:
+        """Complete a batch whose seqs are not contiguous, one run of consecutive seqs at a time."""
+        runs: list[tuple[int, int, int, int]] = []
+        start = prev = records[0].seq
+        for rec in records[1:]:
+            if rec.seq != prev + 1:
+                runs.append((start, prev, 0, 0))
+                start = rec.seq
+            prev = rec.seq
+        runs.append((start, prev, 0, 0))
+        with self._cv:
+            for first, last, _, _ in runs:
+                x = sum(1 for s in dead if first <= s <= last) if dead else 0
+                self._completed[first] = (last, last - first + 1 - x, x)
+            self._advance(len(records) - len(dead), len(dead), dead)
+
+    def _advance(self, delivered: int, dead_n: int, dead: dict[int, str]) -> None:
+        """Move done_through over the contiguous prefix of completed runs (holding _cv)."""
+        if len(self.dead_seqs) < _MAX_REMEMBERED_DEAD:
+            self.dead_seqs.update(dead)
+        self.delivered_above += delivered
+        self.dead_above += dead_n
+        while self.done_through + 1 in self._completed:
+            end, d, x = self._completed.pop(self.done_through + 1)
+            self.done_through = end
+            self.delivered_total += d
+            self.dead_total += x
+            self.delivered_above -= d
+            self.dead_above -= x
+        self._cv.notify_all()
 
     # --------------------------------------------------------- checkpoint
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import msgpack
 from crc32c import crc32c
 
+from .keys import ext_hook
+
 SEGMENT_MAGIC = b"WALBATCH"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sHH16s")
@@ -135,11 +137,13 @@ def find_next_frame(buf: bytes | memoryview, pos: int) -> Frame | None:
 def decode_items(payload: bytes | memoryview, count: int) -> Iterator[tuple[object, int]]:
     """Yield ``(item, encoded_size)`` for each of the ``count`` items of a payload.
 
-    Raises ValueError if the payload does not hold exactly ``count`` msgpack
-    values; with a valid checksum that means a writer bug, not disk damage.
+    Keyed items come back as ``keys.Keyed(key, item)``. Raises ValueError if the
+    payload does not hold exactly ``count`` msgpack values; with a valid
+    checksum that means a writer bug, not disk damage.
     """
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1 << 20)
+        raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1 << 20),
+        ext_hook=ext_hook,
     )
     unpacker.feed(payload)
     prev = 0

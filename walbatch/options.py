@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+
+from .record import Batch, Record
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,24 @@ class Options:
     """... or this many seconds after its first item arrived (``time``)."""
     flush_concurrency: int = 1
     """How many batches may be at the sink at once. The checkpoint still only
-    moves over a contiguous prefix of completed batches."""
+    moves over a contiguous prefix of completed batches; batches of one key
+    still reach the sink one at a time, in order."""
+    max_open_keys: int = 1024
+    """Keyed batching (``submit(item, key=...)``): at most this many keys have an
+    open batch; a new key past it closes the oldest open batch (reason ``keys``)."""
+    combine: Callable[[Batch], Iterable[Record]] | None = None
+    """Coalescing hook: ``combine(batch)`` returns the records to deliver, e.g.
+    only the last update per user id (``walbatch.combine.last_by``). It may drop
+    records and change items, not invent seqs; the dropped ones count as
+    delivered (``coalesced``) once the batch is."""
+    adaptive_batching: bool = False
+    """Let the size trigger move between ``adaptive_min_items`` and ``max_items``:
+    grow while batches fill and deliveries are fast, halve on a sink error or a
+    delivery slower than ``adaptive_target_latency``."""
+    adaptive_min_items: int = 10
+    """Lower bound of the adaptive size trigger."""
+    adaptive_target_latency: float = 1.0
+    """Seconds: a delivery slower than this shrinks the adaptive size trigger."""
 
     # -- the log ----------------------------------------------------------
     segment_bytes: int = 64 << 20
@@ -50,9 +70,18 @@ class Options:
     retry_limit: int | None = None
     """Attempts before a batch goes to dead letters. None (the default) retries
     a transient error forever: the log holds the items while the sink is down."""
+    retry_max_elapsed: float | None = None
+    """Seconds since a batch's first attempt after which a failure sends it to
+    dead letters instead of retrying. None: no time limit."""
     permanent_errors: tuple[type[BaseException], ...] = ()
     """Exception types raised by the sink that retrying cannot fix; the batch
     goes to dead letters at once. ``PermanentSinkError`` always is."""
+    breaker_failures: int | None = None
+    """Circuit breaker: after this many transient sink failures in a row, stop
+    calling the sink for ``breaker_cooldown`` seconds, then let one probe batch
+    through. None (the default): no breaker, only the backoff."""
+    breaker_cooldown: float = 30.0
+    """Seconds the open circuit breaker waits before its probe."""
 
     # -- shutdown ---------------------------------------------------------
     close_timeout: float = 30.0
@@ -61,13 +90,15 @@ class Options:
 
     def __post_init__(self) -> None:
         positive = ("max_items", "max_bytes", "flush_concurrency", "segment_bytes",
-                    "max_log_bytes", "max_group_bytes", "memory_tail_bytes")
+                    "max_log_bytes", "max_group_bytes", "memory_tail_bytes", "max_open_keys",
+                    "adaptive_min_items")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         for name in ("max_delay", "submit_timeout", "checkpoint_interval",
-                     "retry_initial_delay", "retry_max_delay", "close_timeout"):
+                     "retry_initial_delay", "retry_max_delay", "close_timeout",
+                     "adaptive_target_latency", "breaker_cooldown"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
@@ -82,6 +113,19 @@ class Options:
             )
         if self.retry_limit is not None and self.retry_limit < 1:
             raise ValueError(f"retry_limit must be None or at least 1, not {self.retry_limit!r}")
+        if self.breaker_failures is not None and (
+                not isinstance(self.breaker_failures, int) or self.breaker_failures < 1):
+            raise ValueError(
+                f"breaker_failures must be None or at least 1, not {self.breaker_failures!r}")
+        if self.retry_max_elapsed is not None and (
+                not isinstance(self.retry_max_elapsed, (int, float)) or self.retry_max_elapsed < 0):
+            raise ValueError(f"retry_max_elapsed must be None or a non-negative number of seconds, "
+                             f"not {self.retry_max_elapsed!r}")
+        if self.combine is not None and not callable(self.combine):
+            raise TypeError(f"combine must be a callable taking a batch, not "
+                            f"{type(self.combine).__name__}")
+        if not isinstance(self.adaptive_batching, bool):
+            raise ValueError(f"adaptive_batching must be True or False, not {self.adaptive_batching!r}")
 
     @classmethod
     def names(cls) -> list[str]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import msgpack
 
+from .keys import check_key
+
 DEFAULT_MAX_FRAME = 16 << 20
 _LEN = struct.Struct(">I")
 
@@ -119,6 +121,8 @@ class Request:
     """For submit: the request used ``item`` rather than ``items``."""
     timeout: float | None = None
     """For flush: seconds to wait (None: the daemon's default)."""
+    key: Any = None
+    """For submit: the batching key of every item (None: unkeyed)."""
 
 
 def parse_request(msg: Any) -> Request:
@@ -145,13 +149,19 @@ def parse_request(msg: Any) -> Request:
         if has_item == has_items:
             raise ProtocolError(BAD_REQUEST, "submit takes exactly one of 'item' or 'items'",
                                 request_id=rid)
+        key = msg.get("key")
+        if key is not None:
+            try:
+                check_key(key)
+            except (TypeError, ValueError) as ex:
+                raise ProtocolError(BAD_REQUEST, f"'key': {ex}", request_id=rid) from None
         if has_items:
             items = msg["items"]
             if not isinstance(items, list):
                 raise ProtocolError(BAD_REQUEST, f"'items' must be an array, not {_kind(items)}",
                                     request_id=rid)
-            return Request(rid, op, items)
-        return Request(rid, op, [msg["item"]], single=True)
+            return Request(rid, op, items, key=key)
+        return Request(rid, op, [msg["item"]], single=True, key=key)
     if op == "flush":
         timeout = msg.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)

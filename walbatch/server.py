@@ -215,9 +215,9 @@ class Server:
         assert req.items is not None
         try:
             if req.single:
-                r = await self.batcher.asubmit(req.items[0])
+                r = await self.batcher.asubmit(req.items[0], key=req.key)
                 return protocol.ok(req.id, first_seq=r.seq, count=1)
-            rs = await self.batcher.asubmit_many(req.items)
+            rs = await self.batcher.asubmit_many(req.items, key=req.key)
             return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count)
         except (TypeError, ValueError) as ex:
             return protocol.error(req.id, protocol.BAD_REQUEST, f"{ex}")

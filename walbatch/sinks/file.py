@@ -1,4 +1,5 @@
-"""File sink: appends JSON lines ``{"log_id", "seq", "item"}`` and fsyncs per batch.
+"""File sink: appends JSON lines ``{"log_id", "seq", "item"}`` (and ``"key"`` for keyed
+items) and fsyncs per batch.
 
 At-least-once: after a crash a batch may be appended again. Every line carries
 its identity, so a reader keeps the first line per (log_id, seq).
@@ -24,10 +25,13 @@ class FileSink:
     def write(self, batch: Batch) -> list[BaseException | None]:
         lines: list[bytes] = []
         outcomes: list[BaseException | None] = []
+        key = getattr(batch, "key", None)
         for r in batch:
+            entry = {"log_id": batch.log_id, "seq": r.seq, "item": r.item}
+            if key is not None:
+                entry["key"] = key
             try:
-                line = json.dumps({"log_id": batch.log_id, "seq": r.seq, "item": r.item},
-                                  default=_json_default, separators=(",", ":"))
+                line = json.dumps(entry, default=_json_default, separators=(",", ":"))
             except (TypeError, ValueError) as ex:
                 outcomes.append(ex)
                 continue

@@ -1,0 +1,56 @@
+"""Keyed items: how ``submit(item, key=...)`` is written to the log and read back.
+
+A keyed item is stored as one msgpack extension value (type ``KEY_EXT``) whose
+data is the key's encoding followed by the item's. Unkeyed items are stored
+exactly as before, so keys cost nothing to those who do not use them, and a
+log written before keys existed reads the same. The extension code is reserved:
+an item that is itself a ``msgpack.ExtType`` with this code cannot be submitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+KEY_EXT = 87  # "W"
+MAX_KEY_BYTES = 1024
+
+
+class Keyed(NamedTuple):
+    """An item and its batching key, as decoded from the log."""
+
+    key: str | int | bytes
+    item: Any
+
+
+def check_key(key: Any) -> None:
+    """Refuse keys that cannot work as a batching key, before anything is written."""
+    if isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
+        raise TypeError(f"key must be a str, int or bytes, not {type(key).__name__}")
+    if isinstance(key, int) and not -(1 << 63) <= key < (1 << 64):
+        raise ValueError(f"key {key} does not fit in 64 bits")
+    if isinstance(key, (str, bytes)) and len(key) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(key)} long; the limit is {MAX_KEY_BYTES}")
+
+
+def wrap(key_bytes: bytes, item_bytes: bytes) -> msgpack.ExtType:
+    """The extension value standing for a keyed item, from both encodings."""
+    return msgpack.ExtType(KEY_EXT, key_bytes + item_bytes)
+
+
+def ext_hook(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook``: keyed items become ``Keyed``; other extensions pass through."""
+    if code != KEY_EXT:
+        return msgpack.ExtType(code, data)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=ext_hook,
+                                max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(data)
+    try:
+        key = unpacker.unpack()
+        item = unpacker.unpack()
+    except Exception:  # not ours (a foreign ExtType with our code): keep it as it came
+        return msgpack.ExtType(code, data)
+    if unpacker.tell() != len(data) or isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
+        return msgpack.ExtType(code, data)
+    return Keyed(key, item)
