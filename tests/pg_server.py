@@ -118,12 +118,16 @@ class PostgresServer:
         self.settings = dict(settings or {})
         self.port = free_port()
         self.owner = _run_as()
-        self.dir = tempfile.mkdtemp(prefix="walbatch-pg-", dir=base_dir)
+        self.dir = tempfile.mkdtemp(prefix="walbatch-pg-",
+                                    dir=os.path.abspath(base_dir) if base_dir else None)
         self.datadir = os.path.join(self.dir, "data")
         self.logfile = os.path.join(self.dir, "postgres.log")
+        # A Unix socket path must fit in 107 bytes: under a deep base dir, use /tmp.
+        self.sockdir = self.dir if len(self.dir) < 80 else tempfile.mkdtemp(prefix="wbpg-")
         self.proc: subprocess.Popen[bytes] | None = None
         if self.owner is not None:
-            os.chown(self.dir, self.owner.pw_uid, self.owner.pw_gid)
+            for d in {self.dir, self.sockdir}:
+                os.chown(d, self.owner.pw_uid, self.owner.pw_gid)
             self._check_reachable()
         self._initdb()
 
@@ -179,7 +183,7 @@ class PostgresServer:
         settings = {
             "listen_addresses": self.host,
             "port": str(self.port),
-            "unix_socket_directories": self.dir,
+            "unix_socket_directories": self.sockdir,
             "fsync": "on" if self.fsync else "off",
             "synchronous_commit": "on" if self.fsync else "off",
             "full_page_writes": "on" if self.fsync else "off",
@@ -198,7 +202,7 @@ class PostgresServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        sock = os.path.join(self.dir, f".s.PGSQL.{self.port}")
+        sock = os.path.join(self.sockdir, f".s.PGSQL.{self.port}")
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -237,6 +241,7 @@ class PostgresServer:
             self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -203,6 +203,17 @@ def test_bad_items_are_refused_one_by_one_and_the_rest_commit(postgres, sinks, q
     assert [s for (s,) in stored] == [i + 1 for i in range(40) if i not in bad]
 
 
+def test_a_deferred_constraint_refuses_only_its_items(postgres, sinks, query, table):
+    query(f"CREATE TABLE {table}_p (id int PRIMARY KEY); INSERT INTO {table}_p VALUES (1), (2)")
+    query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, p int REFERENCES {table}_p "
+          f"DEFERRABLE INITIALLY DEFERRED, PRIMARY KEY (_log_id, _seq))")
+    sink = sinks(postgres.url(table=table, columns="p"))
+    outcomes = sink.write(batch({"p": 1}, {"p": 9}, {"p": 2}))  # the FK fails only at COMMIT
+    assert outcomes is not None and outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PermanentSinkError) and "foreign key" in str(outcomes[1])
+    assert query(f"SELECT _seq, p FROM {table} ORDER BY _seq") == [(1, 1), (3, 2)]
+
+
 def test_through_a_batcher_only_bad_items_reach_the_dead_letters(make, postgres, query, table):
     query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, n int CHECK (n >= 0), "
           f"PRIMARY KEY (_log_id, _seq))")

@@ -104,6 +104,7 @@ class PostgreSQLSink:
             raise ValueError(f"bad PostgreSQL connection string: {ex}".strip()) from None
         # A server that never answers must not hang the flusher at connect.
         params.setdefault("connect_timeout", 10)
+        params.setdefault("application_name", "walbatch")  # visible in pg_stat_activity
         self._params = params
         self._where = _describe(params)
 
@@ -183,8 +184,11 @@ class PostgreSQLSink:
                 except psycopg.Error as ex:
                     if not _item_level(ex):
                         raise
-                    # Rolled back: find the bad items, commit the rest.
+                    # Rolled back: find the bad items, commit the rest. Deferred
+                    # constraints are checked per statement here, or they would only
+                    # fail the final COMMIT, where no savepoint can isolate the culprit.
                     with session.conn.transaction():
+                        session.cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
                         self._bisect(session, rows, outcomes)
             keep = True
         except psycopg.Error as ex:
@@ -311,6 +315,8 @@ class _Session:
         self.mode = sink.mode
         self.fields = [(field, is_json) for _, field, is_json in plan if field is not None]
         self.rest_fields = {f for f, _ in self.fields} if sink.rest else None
+        plain = not sink.rest and not any(is_json for _, is_json in self.fields)
+        self.fast_fields = [f for f, _ in self.fields] if plain else None
         names = sql.SQL(", ").join(sql.Identifier(n) for n in wanted)
         stage = sql.Identifier(STAGE)
         # The staging table has the target's column types and nothing else (no
@@ -381,8 +387,16 @@ class _Session:
                     outcomes[i] = PermanentSinkError(f"item cannot be stored as JSON: {ex}")
             return rows, outcomes
         fields = self.fields
+        # The common case first (flat dicts of scalars into non-JSON columns): this
+        # loop runs in the flusher, under the GIL the submitters need too.
+        fast = self.fast_fields
         for i, r in enumerate(batch):
             item = r.item
+            if fast is not None and type(item) is dict:
+                values = [item.get(f) for f in fast]
+                if all(type(v) in _PLAIN for v in values):
+                    rows.append((i, (log_id, r.seq, *values)))
+                    continue
             if not isinstance(item, dict):
                 outcomes[i] = PermanentSinkError(
                     f"mode=columns takes dict items; this one is a {type(item).__name__}")
@@ -422,16 +436,20 @@ class _Session:
 # ------------------------------------------------------------------ values
 
 
-def _json(value: Any) -> str:
-    # allow_nan=False: jsonb refuses NaN anyway; failing here names the item.
-    return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":"))
-
-
 def _json_default(v: Any) -> Any:
     if isinstance(v, (bytes, bytearray, memoryview)):
         return {"$base64": base64.b64encode(bytes(v)).decode()}
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+# One encoder for every item: json.dumps with options builds a new one per call,
+# which costs more than encoding a small item. allow_nan=False: jsonb refuses NaN
+# anyway, and failing here names the item.
+_json = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False,
+                         separators=(",", ":")).encode
+
+
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
 
 
 def _cell(v: Any, is_json: bool) -> Any:

@@ -1,0 +1,401 @@
+#!/usr/bin/env python
+"""End-to-end throughput into PostgreSQL: walbatch's sink vs one INSERT + COMMIT per item.
+
+    python benchmarks/bench_postgresql.py [--seconds 10] [--dir DIR] [--methods-seconds 3] [--json]
+
+Starts its own PostgreSQL (tests/pg_server.py) with the server's durable defaults
+(fsync=on, synchronous_commit=on, full_page_writes=on), its data directory next to
+the walbatch logs under ``--dir`` (default: the current directory; avoid a tmpfs),
+and measures, one after the other in the same run:
+
+* ``per-item``: one connection, one ``INSERT ... ON CONFLICT DO NOTHING`` per item in
+  autocommit (an INSERT + COMMIT each): the baseline every ratio is to. Also with 16
+  threads, each with its own connection, where the server's commits share WAL flushes.
+* ``walbatch``: DurableBatcher with the ``postgresql://`` sink URL (mode=columns, typed
+  columns): items are fsync'd to the log, acknowledged, then COPYed in batches. The
+  clock runs from the first submit until ``flush()`` returns, i.e. until every
+  acknowledged item is committed in PostgreSQL, and the table's row count is checked.
+  The log is kept small (``max_log_bytes``), so submitters block when the sink falls
+  behind: the rate is the sustained end-to-end rate, not a burst into the log.
+
+Then (``--methods-seconds``, 0 to skip) the write methods themselves, without the log:
+500-row transactions with the same (_log_id, _seq) dedup, COPY vs the alternatives,
+and the sink's pool (1 vs 4 connections) under 4 writer threads.
+Target (the PostgreSQL sink issue): walbatch end-to-end >= 20x the per-item baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import psycopg  # noqa: E402
+from pg_server import PostgresServer, require_bindir  # noqa: E402
+
+from walbatch import Batch, DurableBatcher, Record  # noqa: E402
+from walbatch.sinks.postgresql import PostgreSQLSink  # noqa: E402
+
+TS = 1700000000.123
+COLUMNS = "user_id:bigint,action:text,ts:double precision"
+TARGET = 20.0
+METHOD_BATCH = 500
+
+
+def item(i: int) -> dict:
+    return {"user_id": i, "action": "login", "ts": TS}
+
+
+def create_table(conninfo: str, table: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as c:
+        c.execute(f"CREATE TABLE {table} (_log_id uuid NOT NULL, _seq bigint NOT NULL, "
+                  "user_id bigint, action text, ts double precision, PRIMARY KEY (_log_id, _seq))")
+
+
+def count(conninfo: str, table: str) -> int:
+    with psycopg.connect(conninfo) as c:
+        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+# ------------------------------------------------- other processes' CPU
+
+BUSY_CORES = 0.15  # warn when other processes used this many cores during a row
+
+
+def _proc_cpu(server_pid: int | None) -> tuple[float, float]:
+    """CPU seconds so far of (kernel threads, the PostgreSQL server's processes).
+
+    The server runs in its own session: its live processes share the postmaster's
+    session id, and exited backends are in the postmaster's children's time.
+    """
+    kernel = server = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        used = int(fields[11]) + int(fields[12])  # utime + stime
+        if pid == "2" or fields[1] == "2":  # kthreadd and its children
+            kernel += used
+        elif server_pid is not None and fields[3] == str(server_pid):  # session id
+            server += used
+            if pid == str(server_pid):
+                server += int(fields[13]) + int(fields[14])  # cutime + cstime
+    tick = os.sysconf("SC_CLK_TCK")
+    return kernel / tick, server / tick
+
+
+def cpu_snapshot(server_pid: int | None) -> tuple[float, float] | None:
+    """(CPU seconds of processes other than us, the server and the kernel; wall time)."""
+    try:
+        with open("/proc/stat") as f:
+            busy = sum(int(v) for v in f.readline().split()[1:4]) / os.sysconf("SC_CLK_TCK")
+        kernel, server = _proc_cpu(server_pid)
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    return busy - kernel - server - (t.user + t.system), time.monotonic()
+
+
+def other_cores(before: tuple[float, float] | None, server_pid: int | None) -> float | None:
+    after = cpu_snapshot(server_pid)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return max(0.0, (after[0] - before[0]) / (after[1] - before[1]))
+
+
+# -------------------------------------------------------------- per item
+
+
+def per_item(server: PostgresServer, seconds: float, threads: int) -> dict:
+    table = f"per_item_{threads}"
+    create_table(server.conninfo, table)
+    log_id = str(uuid.uuid4())
+    counts = [0] * threads
+    sql = (f"INSERT INTO {table} (_log_id, _seq, user_id, action, ts) VALUES (%s, %s, %s, %s, %s) "
+           "ON CONFLICT (_log_id, _seq) DO NOTHING")
+    start = threading.Barrier(threads + 1)
+    end_at = [0.0]
+
+    def run(t: int) -> None:
+        with psycopg.connect(server.conninfo, autocommit=True) as c:  # each INSERT commits
+            cur = c.cursor()
+            start.wait()
+            n, seq = 0, t << 40
+            while time.perf_counter() < end_at[0]:
+                it = item(n)
+                cur.execute(sql, (log_id, seq + n, it["user_id"], it["action"], it["ts"]))
+                n += 1
+            counts[t] = n
+
+    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for th in ths:
+        th.start()
+    end_at[0] = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    start.wait()
+    for th in ths:
+        th.join()
+    elapsed = time.perf_counter() - t0
+    n = sum(counts)
+    assert count(server.conninfo, table) == n
+    return {"writer": f"per-item INSERT + COMMIT, {threads} thread{'s' if threads > 1 else ''}",
+            "items": n, "seconds": elapsed, "items_per_s": n / elapsed}
+
+
+# -------------------------------------------------------------- walbatch
+
+
+def walbatch_run(server: PostgresServer, base: str, seconds: float, *, threads: int, many: int,
+                 flush_concurrency: int, max_items: int, jsonb: bool = False) -> dict:
+    table = f"wb_{threads}t_{many}_{flush_concurrency}c_{max_items}{'_jsonb' if jsonb else ''}"
+    mode = {"mode": "jsonb"} if jsonb else {"columns": COLUMNS}
+    url = server.url(table=table, create="1", pool=str(flush_concurrency), **mode)
+    directory = tempfile.mkdtemp(prefix="log-", dir=base)
+    counts = [0] * threads
+    opts = dict(max_items=max_items, max_delay=0.05, flush_concurrency=flush_concurrency,
+                segment_bytes=2 << 20, max_log_bytes=16 << 20, submit_timeout=300)
+    with DurableBatcher(directory, url, **opts) as b:
+        end_at = [0.0]
+        start = threading.Barrier(threads + 1)
+
+        def run(t: int) -> None:
+            start.wait()
+            n = 0
+            if many > 1:
+                chunk = [item(i) for i in range(many)]
+                while time.perf_counter() < end_at[0]:
+                    b.submit_many(chunk)
+                    n += many
+            else:
+                while time.perf_counter() < end_at[0]:
+                    b.submit(item(n))
+                    n += 1
+            counts[t] = n
+
+        ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+        for th in ths:
+            th.start()
+        end_at[0] = time.perf_counter() + seconds
+        t0 = time.perf_counter()
+        start.wait()
+        for th in ths:
+            th.join()
+        submitted_in = time.perf_counter() - t0
+        b.flush(600)
+        elapsed = time.perf_counter() - t0
+        stats = b.stats()
+    shutil.rmtree(directory, ignore_errors=True)
+    n = sum(counts)
+    stored = count(server.conninfo, table)
+    assert stored == n == stats.delivered, (stored, n, stats)
+    how = (f"submit_many({many})" if many > 1 else "submit()") + \
+        f", {threads} thread{'s' if threads > 1 else ''}"
+    how += f", max_items={max_items}, flush_concurrency={flush_concurrency}"
+    return {"writer": f"walbatch {how}{', mode=jsonb' if jsonb else ''}",
+            "items": n, "seconds": elapsed, "items_per_s": n / elapsed,
+            "drain_s": elapsed - submitted_in, "fsyncs_per_1k": stats.fsyncs * 1000 / max(1, n)}
+
+
+# ------------------------------------------------------- write methods
+
+
+def methods(server: PostgresServer, seconds: float) -> list[dict]:
+    """500-row transactions with (_log_id, _seq) dedup: rows/s per method, same table shape."""
+    out = []
+
+    def measure(name: str, make: Callable[[str], Callable[[list[tuple]], None]],
+                writers: int = 1) -> None:
+        table = f"m_{len(out)}"
+        create_table(server.conninfo, table)
+        write = make(table)
+        log_id = str(uuid.uuid4())
+        counts = [0] * writers
+        end_at = time.perf_counter() + seconds
+
+        def run(t: int) -> None:
+            seq = (t << 40) + 1
+            while time.perf_counter() < end_at:
+                rows = [(log_id, seq + i, *item(i).values()) for i in range(METHOD_BATCH)]
+                write(rows)
+                seq += METHOD_BATCH
+                counts[t] += METHOD_BATCH
+
+        t0 = time.perf_counter()
+        ths = [threading.Thread(target=run, args=(t,)) for t in range(writers)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        elapsed = time.perf_counter() - t0
+        assert count(server.conninfo, table) == sum(counts), name
+        out.append({"method": name, "rows_per_s": sum(counts) / elapsed})
+
+    def conn() -> psycopg.Connection:
+        return psycopg.connect(server.conninfo, autocommit=True)
+
+    def sink_write(pool: int) -> Callable[[str], Callable[[list[tuple]], None]]:
+        def make(table: str) -> Callable[[list[tuple]], None]:
+            sink = PostgreSQLSink(server.conninfo, table=table, columns="user_id,action,ts",
+                                  pool=pool)
+
+            def write(rows: list[tuple]) -> None:
+                recs = [Record(r[1], {"user_id": r[2], "action": r[3], "ts": r[4]}) for r in rows]
+                assert sink.write(Batch(recs, rows[0][0], "size")) is None
+            return write
+        return make
+
+    def copy_direct(table: str) -> Callable[[list[tuple]], None]:
+        c = conn()
+
+        def write(rows: list[tuple]) -> None:
+            with c.transaction(), c.cursor().copy(f"COPY {table} FROM STDIN") as cp:
+                for r in rows:
+                    cp.write_row(r)
+        return write
+
+    def copy_stage(table: str) -> Callable[[list[tuple]], None]:
+        c = conn()
+        c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
+
+        def write(rows: list[tuple]) -> None:
+            with c.transaction():
+                cur = c.cursor()
+                with cur.copy("COPY st FROM STDIN") as cp:
+                    for r in rows:
+                        cp.write_row(r)
+                cur.execute(f"INSERT INTO {table} SELECT * FROM st "
+                            "ON CONFLICT (_log_id, _seq) DO NOTHING")
+        return write
+
+    def copy_move(table: str) -> Callable[[list[tuple]], None]:
+        c = conn()
+        c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
+
+        def write(rows: list[tuple]) -> None:
+            with c.transaction():
+                cur = c.cursor()
+                with cur.copy("COPY st FROM STDIN") as cp:
+                    for r in rows:
+                        cp.write_row(r)
+                cur.execute(f"WITH m AS (DELETE FROM st RETURNING *) INSERT INTO {table} "
+                            "SELECT * FROM m ON CONFLICT (_log_id, _seq) DO NOTHING")
+        return write
+
+    def unnest(table: str) -> Callable[[list[tuple]], None]:
+        c = conn()
+
+        def write(rows: list[tuple]) -> None:
+            cols = [list(col) for col in zip(*rows, strict=True)]
+            with c.transaction():
+                c.execute(f"INSERT INTO {table} SELECT * FROM unnest(%s::uuid[], %s::bigint[], "
+                          "%s::bigint[], %s::text[], %s::float8[]) "
+                          "ON CONFLICT (_log_id, _seq) DO NOTHING", cols)
+        return write
+
+    def executemany(table: str) -> Callable[[list[tuple]], None]:
+        c = conn()
+
+        def write(rows: list[tuple]) -> None:
+            with c.transaction():
+                c.cursor().executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s) "
+                                       "ON CONFLICT (_log_id, _seq) DO NOTHING", rows)
+        return write
+
+    measure("COPY straight into the table (no dedup: the ceiling)", copy_direct)
+    measure("COPY to staging + INSERT..SELECT ON CONFLICT (the sink's SQL)", copy_stage)
+    measure("COPY to staging + DELETE..RETURNING into INSERT ON CONFLICT", copy_move)
+    measure("INSERT..SELECT FROM unnest(arrays) ON CONFLICT", unnest)
+    measure("executemany INSERT ON CONFLICT (pipelined)", executemany)
+    measure("PostgreSQLSink.write (the above, plus converting the items)", sink_write(1))
+    measure("PostgreSQLSink.write, 4 writer threads, pool=1 (one connection)", sink_write(1),
+            writers=4)
+    measure("PostgreSQLSink.write, 4 writer threads, pool=4", sink_write(4), writers=4)
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=10.0, help="per row (default 10)")
+    ap.add_argument("--methods-seconds", type=float, default=3.0,
+                    help="per write-method row (0: skip that table)")
+    ap.add_argument("--dir", default=".", help="where the server's data and the logs go")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    bindir = require_bindir()
+    base = tempfile.mkdtemp(prefix="walbatch-bench-", dir=args.dir)
+    os.chmod(base, 0o755)  # the server may run as another user (root cannot run it)
+    server = PostgresServer(bindir, base_dir=base, fsync=True)
+    try:
+        server.start()
+        pm = server.proc.pid if server.proc else None
+
+        def timed(fn: Callable[[], dict]) -> dict:
+            before = cpu_snapshot(pm)
+            row = fn()
+            row["other_cores"] = other_cores(before, pm)
+            return row
+
+        baseline = timed(partial(per_item, server, args.seconds, 1))
+        rows = [baseline, timed(partial(per_item, server, args.seconds, 16))]
+        for threads, many, conc, max_items, jsonb in (
+                (1, 1000, 1, 500, False), (1, 1000, 4, 500, False), (1, 1000, 1, 5000, False),
+                (1, 1000, 1, 500, True), (16, 1, 1, 500, False)):
+            rows.append(timed(partial(
+                walbatch_run, server, base, args.seconds, threads=threads, many=many,
+                flush_concurrency=conc, max_items=max_items, jsonb=jsonb)))
+        table = methods(server, args.methods_seconds) if args.methods_seconds > 0 else []
+        version = psycopg.connect(server.conninfo).execute("SHOW server_version").fetchone()[0]
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+    for r in rows:
+        r["x_per_item"] = r["items_per_s"] / baseline["items_per_s"]
+    if args.json:
+        print(json.dumps({"postgresql": version, "rows": rows, "methods": table}))
+        return
+    print(f"PostgreSQL {version}, fsync=on, synchronous_commit=on; {args.seconds:g} s per row; "
+          f"every counted item is committed in PostgreSQL")
+    print(f"| {'writer':<78} | {'items/s':>9} | {'x per-item':>10} | {'drain s':>7} |")
+    print(f"|{'-' * 80}|{'-' * 10}:|{'-' * 11}:|{'-' * 8}:|")
+    for r in rows:
+        drain = f"{r['drain_s']:.1f}" if "drain_s" in r else "—"
+        print(f"| {r['writer']:<78} | {r['items_per_s']:>9,.0f} | {r['x_per_item']:>9.1f}x | "
+              f"{drain:>7} |")
+    for r in rows:
+        if r["other_cores"] is not None and r["other_cores"] >= BUSY_CORES:
+            print(f"WARNING: other processes kept {r['other_cores']:.2f} CPU cores busy during "
+                  f"'{r['writer']}': rerun on an idle machine")
+    best = max(r["x_per_item"] for r in rows if r["writer"].startswith("walbatch"))
+    print(f"target: walbatch >= {TARGET:g}x the per-item baseline: best {best:.1f}x "
+          f"({'met' if best >= TARGET else 'NOT met'})")
+    if table:
+        print()
+        print(f"Write methods, {METHOD_BATCH}-row transactions with (_log_id, _seq) dedup, "
+              f"{args.methods_seconds:g} s each:")
+        print(f"| {'method':<62} | {'rows/s':>9} |")
+        print(f"|{'-' * 64}|{'-' * 10}:|")
+        for m in table:
+            print(f"| {m['method']:<62} | {m['rows_per_s']:>9,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
