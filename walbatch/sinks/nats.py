@@ -1,0 +1,753 @@
+"""NATS JetStream sink: one JetStream message per record, deduplicated by the record's identity.
+
+URL (docs/sinks/nats.md has every option)::
+
+    nats://[user:password@|token@]host[:port][,host[:port]...]?stream=EVENTS&subject=events.in
+    tls://...                      # the same over TLS
+
+Every message carries the header ``Nats-Msg-Id: <log_id>:<seq>``. JetStream drops a
+message whose id it has seen within the stream's ``duplicate_window``, which turns
+walbatch's at-least-once redelivery (a retried batch, a replay after a crash) into
+effectively-once in the stream, as long as the redelivery comes within the window.
+
+Ownership: the sink owns one asyncio event loop, run by a private daemon thread. Every
+nats-py object (the connection, the ack subscription, the per-batch ack tables) lives on
+that loop and is touched only there. ``write`` may be called from several threads at once
+(``flush_concurrency > 1``): it encodes the items in the calling thread, then hands the
+batch to the loop with ``run_coroutine_threadsafe`` and waits for the acks.
+
+Invariant: a record counts as delivered only after JetStream answered its publish with a
+PubAck (a stored or a duplicate message). No ack, for whatever reason, means "retry".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import itertools
+import json
+import logging
+import re
+import ssl
+import string
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import msgpack
+
+from ..errors import PermanentSinkError, SinkError
+from ..record import Batch
+from .base import Outcomes, require
+
+log = logging.getLogger("walbatch")
+
+DEFAULT_PORT = 4222
+MSG_ID = "Nats-Msg-Id"
+# Size of the header block nats-py sends for one Nats-Msg-Id header, without the id:
+# "NATS/1.0\r\n" + "Nats-Msg-Id: " + id + "\r\n" + "\r\n". The server counts headers
+# against max_payload and max_msg_size, so the local size check must too.
+_HEADER_OVERHEAD = 10 + len(MSG_ID) + 2 + 2 + 2
+_NAME_RE = re.compile(r"^[^\s.*>/\\]+$")
+_TOKEN_RE = re.compile(r"^[^\s.*>]+$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENCODINGS = ("json", "msgpack", "raw")
+
+
+# ------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class NATSOptions:
+    """Everything a ``nats://`` URL says; the defaults are the documented ones."""
+
+    servers: list[str]
+    stream: str
+    subject: str
+    encoding: str = "json"
+    timeout: float = 5.0            # seconds to wait for a batch's acks after its last publish
+    connect_timeout: float = 5.0    # seconds for one (re)connect attempt, all servers included
+    reconnect_wait: float = 0.5     # nats-py's pause between attempts on the same server
+    horizon: float = 600.0          # the longest redelivery delay the stream must recognise
+    create: bool = False
+    dup_window: float | None = None  # for ?create=1; None: the horizon
+    replicas: int = 1
+    storage: str = "file"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    name: str = "walbatch"
+
+    @property
+    def tls(self) -> bool:
+        return any(s.startswith("tls://") for s in self.servers) or bool(
+            self.tls_ca or self.tls_cert)
+
+
+_QUERY_KEYS = {"stream", "subject", "encoding", "timeout", "connect_timeout", "reconnect_wait",
+               "horizon", "create", "dup_window", "replicas", "storage", "user", "password",
+               "token", "creds", "tls_ca", "tls_cert", "tls_key", "name"}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``"10m"``, ``"30s"``, ``"500ms"``, ``"2h"``, ``"1d"`` or plain seconds -> seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError(f"nats sink URL: {what}={text!r} is not a duration "
+                         "(e.g. 500ms, 30s, 10m, 2h, 1d, or seconds)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _parse_bool(text: str, what: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"nats sink URL: {what}={text!r} is not a boolean (1/0, true/false)")
+
+
+def _split_hosts(url: str, scheme: str, hosts: str) -> list[str]:
+    servers = []
+    for part in hosts.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"nats sink URL {url!r}: empty host in the server list")
+        if part.startswith("["):  # [IPv6]:port
+            host, sep, rest = part[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"nats sink URL {url!r}: bad IPv6 host {part!r}")
+            host, port_text = f"[{host}]", rest[1:]
+        else:
+            host, _, port_text = part.partition(":")
+        if not host:
+            raise ValueError(f"nats sink URL {url!r}: no host in {part!r}")
+        port = DEFAULT_PORT
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"nats sink URL {url!r}: bad port {port_text!r} in {part!r}")
+            port = int(port_text)
+        servers.append(f"{scheme}://{host}:{port}")
+    return servers
+
+
+def parse_url(url: str) -> NATSOptions:
+    """A ``nats://`` (or ``tls://``) sink URL -> options; ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme not in ("nats", "tls"):
+        raise ValueError(f"nats sink URL {url!r}: scheme must be nats:// or tls://")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"nats sink URL {url!r}: unexpected path {parts.path!r}; stream and "
+                         "subject go in the query (?stream=NAME&subject=SUBJECT)")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not hosts:
+        raise ValueError(f"nats sink URL {url!r}: no server (nats://host:port[,host:port...])")
+    servers = _split_hosts(url, scheme, hosts)
+    try:
+        raw = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as ex:
+        raise ValueError(f"nats sink URL {url!r}: malformed query: {ex}") from None
+    unknown = sorted(set(raw) - _QUERY_KEYS)
+    if unknown:
+        raise ValueError(f"nats sink URL {url!r}: unknown option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(_QUERY_KEYS))}")
+    q = {k: v[-1] for k, v in raw.items()}
+
+    user = password = token = None
+    if at:
+        name, colon, secret = userinfo.partition(":")
+        if colon:
+            user, password = unquote(name), unquote(secret)
+        else:
+            token = unquote(name)  # nats://TOKEN@host, the NATS convention
+    user = q.get("user", user)
+    password = q.get("password", password)
+    token = q.get("token", token)
+    if (user is None) != (password is None):
+        raise ValueError(f"nats sink URL {url!r}: user and password go together")
+    if token is not None and user is not None:
+        raise ValueError(f"nats sink URL {url!r}: give a token or a user and password, not both")
+
+    stream = q.get("stream", "")
+    if not stream:
+        raise ValueError(f"nats sink URL {url!r}: missing ?stream=NAME")
+    if not _NAME_RE.match(stream):
+        raise ValueError(f"nats sink URL {url!r}: stream name {stream!r} may not contain "
+                         "whitespace, '.', '*', '>', '/' or '\\'")
+    subject = q.get("subject", "")
+    if not subject:
+        raise ValueError(f"nats sink URL {url!r}: missing ?subject=SUBJECT (a literal subject, "
+                         "or a template such as events.{type})")
+    SubjectTemplate(subject)  # validates; raises ValueError
+
+    encoding = q.get("encoding", "json").lower()
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"nats sink URL {url!r}: encoding={encoding!r}; expected one of "
+                         + ", ".join(_ENCODINGS))
+    storage = q.get("storage", "file").lower()
+    if storage not in ("file", "memory"):
+        raise ValueError(f"nats sink URL {url!r}: storage={storage!r}; expected file or memory")
+    try:
+        replicas = int(q.get("replicas", "1"))
+    except ValueError:
+        raise ValueError(f"nats sink URL {url!r}: replicas={q['replicas']!r} is not a number") from None
+    if not 1 <= replicas <= 5:
+        raise ValueError(f"nats sink URL {url!r}: replicas={replicas}; JetStream allows 1 to 5")
+
+    def duration(key: str, default: float) -> float:
+        if key not in q:
+            return default
+        value = parse_duration(q[key], key)
+        if value <= 0:
+            raise ValueError(f"nats sink URL {url!r}: {key} must be positive")
+        return value
+
+    horizon = duration("horizon", 600.0)
+    dup_window = duration("dup_window", horizon) if "dup_window" in q else None
+    if (q.get("tls_cert") is None) != (q.get("tls_key") is None):
+        raise ValueError(f"nats sink URL {url!r}: tls_cert and tls_key go together")
+    return NATSOptions(
+        servers=servers, stream=stream, subject=subject, encoding=encoding,
+        timeout=duration("timeout", 5.0), connect_timeout=duration("connect_timeout", 5.0),
+        reconnect_wait=duration("reconnect_wait", 0.5), horizon=horizon,
+        create=_parse_bool(q.get("create", "0"), "create"), dup_window=dup_window,
+        replicas=replicas, storage=storage, user=user, password=password, token=token,
+        creds=q.get("creds"), tls_ca=q.get("tls_ca"), tls_cert=q.get("tls_cert"),
+        tls_key=q.get("tls_key"), name=q.get("name", "walbatch"))
+
+
+# ------------------------------------------------------------- subjects
+
+
+class SubjectTemplate:
+    """``events.in`` (literal) or ``events.{type}``: a field of a dict item fills a token.
+
+    A field must be a whole token (``events.{type}``, not ``events.x{type}``), so the
+    stream's subject filter for a template is simply the template with ``*`` per field.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        tokens = template.split(".")
+        self.fields: list[tuple[int, str]] = []  # (token index, item field)
+        for i, tok in enumerate(tokens):
+            try:
+                parsed = list(string.Formatter().parse(tok))
+            except ValueError as ex:
+                raise ValueError(f"nats sink subject {template!r}: {ex}") from None
+            has_field = any(f is not None for _, f, _, _ in parsed)
+            if not has_field:
+                if not tok or not _TOKEN_RE.match(tok):
+                    raise ValueError(f"nats sink subject {template!r}: token {tok!r} is empty or "
+                                     "holds whitespace or a wildcard ('*', '>'); publish subjects "
+                                     "are literal")
+                continue
+            if len(parsed) != 1 or parsed[0][0] or parsed[0][2] or parsed[0][3]:
+                raise ValueError(f"nats sink subject {template!r}: a template field must be a "
+                                 f"whole token like {{type}}; got {tok!r}")
+            name = parsed[0][1]
+            if not name or not name.isidentifier():
+                raise ValueError(f"nats sink subject {template!r}: field {name!r} must be a "
+                                 "plain item key (letters, digits, _)")
+            self.fields.append((i, name))
+        self.tokens = tokens
+        self.literal = template if not self.fields else None
+        self.filter = ".".join(
+            "*" if any(i == j for j, _ in self.fields) else t for i, t in enumerate(tokens))
+
+    def render(self, item: Any) -> str:
+        """The subject for one item; ValueError (permanent for that item) if it cannot be made."""
+        if self.literal is not None:
+            return self.literal
+        if not isinstance(item, dict):
+            raise ValueError(f"subject template {self.template!r} needs a dict item, "
+                             f"got {type(item).__name__}")
+        tokens = list(self.tokens)
+        for i, name in self.fields:
+            if name not in item:
+                raise ValueError(f"subject template {self.template!r}: item has no field {name!r}")
+            value = item[name]
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ValueError(f"subject template {self.template!r}: field {name!r} is "
+                                 f"{type(value).__name__}; expected str or int")
+            text = str(value)
+            if not _TOKEN_RE.match(text):
+                raise ValueError(f"subject template {self.template!r}: field {name!r}={text!r} "
+                                 "is empty or holds '.', whitespace or a wildcard")
+            tokens[i] = text
+        return ".".join(tokens)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+# ------------------------------------------------------------- encoding
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# One encoder for every call: json.dumps builds a new JSONEncoder whenever it gets options.
+# Strict JSON: NaN and Infinity are refused (other languages' parsers reject them).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                         default=_json_default)
+
+
+def encode_json(item: Any) -> bytes:
+    return _JSON.encode(item).encode("utf-8")
+
+
+def encode_msgpack(item: Any) -> bytes:
+    return msgpack.packb(item, use_bin_type=True)
+
+
+def encode_raw(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    raise TypeError(f"encoding=raw takes bytes or str items, got {type(item).__name__}")
+
+
+ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "json": encode_json, "msgpack": encode_msgpack, "raw": encode_raw}
+
+
+# ------------------------------------------------------------------ acks
+
+
+class _Acks:
+    """The acks one batch is waiting for, indexed by the record's position in the batch."""
+
+    __slots__ = ("msgs", "left", "sending", "done", "lost")
+
+    def __init__(self, n: int, done: asyncio.Future[None]) -> None:
+        self.msgs: list[Any] = [None] * n
+        self.left = 0          # published and not yet acked
+        self.sending = True    # acks arrive while later messages are still being published
+        self.done = done
+        self.lost: str | None = None  # why the missing acks will never come
+
+    def add(self, i: int, msg: Any) -> None:
+        if self.msgs[i] is None:
+            self.msgs[i] = msg
+            self.left -= 1
+            if self.left <= 0 and not self.sending and not self.done.done():
+                self.done.set_result(None)
+
+    def sent_all(self) -> None:
+        self.sending = False
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def give_up(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _ack_outcome(msg: Any, stream: str) -> BaseException | None:
+    """None for a PubAck (stored, or a duplicate the window dropped); else the error."""
+    data = msg.data
+    # A PubAck is {"stream":...,"seq":...[,"duplicate":true]}; stream names cannot hold
+    # quotes, so the substring test is exact and spares a JSON parse per message.
+    if data and b'"error"' not in data:
+        return None
+    if not data:
+        status = (msg.headers or {}).get("Status")
+        if status == "503":
+            return SinkError(f"no responders for the publish: stream {stream!r} has no leader "
+                             "right now, or JetStream is not available")
+        return SinkError(f"empty reply from JetStream (status {status})")
+    try:
+        err = json.loads(data)["error"]
+        code, err_code, desc = err.get("code"), err.get("err_code"), err.get("description")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return SinkError(f"unreadable reply from JetStream: {data[:200]!r}")
+    text = f"JetStream refused the message: {desc} (code {code}, err_code {err_code})"
+    # 400 is about the message itself (too large for the stream, a sealed stream, a
+    # header conflict): sending it again gets the same answer. 503 and the rest (no
+    # quorum, store failure, limits with discard=new) can pass.
+    if code == 400:
+        return PermanentSinkError(text)
+    return SinkError(text)
+
+
+# ------------------------------------------------------------------ sink
+
+
+class NATSSink:
+    """Publishes each record to a JetStream stream with ``Nats-Msg-Id: <log_id>:<seq>``."""
+
+    def __init__(self, options: NATSOptions) -> None:
+        self.options = options
+        self._template = SubjectTemplate(options.subject)
+        self._encode = ENCODERS[options.encoding]
+        self._nats = require("nats", "nats", "NATS")
+        require("nats.js", "nats", "NATS")
+        self._ssl = self._ssl_context() if options.tls else None
+        # Loop-owned state (see the module docstring).
+        self._nc: Any = None
+        self._ready = False                 # stream looked up on the current connection
+        self._lock: asyncio.Lock | None = None
+        self._pending: dict[str, _Acks] = {}
+        self._inbox = ""
+        self._filters: list[str] = []
+        self._max_size = -1                 # bytes incl. headers a message may have; -1: no limit
+        self._bound: dict[str, bool] = {}
+        self._warned_window = False
+        self._last_connect_error: BaseException | None = None
+        self._error_logged = False
+        self._batch_ids = itertools.count()
+        # Thread-side state.
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="walbatch-nats", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return (f"NATSSink({','.join(self.options.servers)!r}, stream={self.options.stream!r}, "
+                f"subject={self.options.subject!r})")
+
+    # ------------------------------------------------------------ thread side
+
+    def write(self, batch: Batch) -> Outcomes:
+        """Publish every record and wait for its PubAck; thread-safe.
+
+        Returns None when all were acked; raises SinkError (retryable) when none was and
+        the cause is transient; otherwise one outcome per record.
+        """
+        if self._closed:
+            raise SinkError("the NATS sink is closed")
+        n = len(batch)
+        outcomes: list[BaseException | None] = [None] * n
+        todo: list[tuple[int, str, bytes, str]] = []
+        prefix = batch.log_id + ":"
+        encode, template = self._encode, self._template
+        for i, rec in enumerate(batch):
+            try:
+                todo.append((i, template.render(rec.item), encode(rec.item), prefix + str(rec.seq)))
+            except (TypeError, ValueError, OverflowError) as ex:
+                outcomes[i] = PermanentSinkError(
+                    f"seq {rec.seq}: cannot publish as {self.options.encoding}: {ex}")
+        if todo:
+            fut = asyncio.run_coroutine_threadsafe(self._publish(todo, outcomes), self._loop)
+            bound = self.options.connect_timeout + 2 * self.options.timeout + 30.0
+            try:
+                fut.result(bound)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                raise SinkError(f"publishing to NATS did not finish in {bound:.0f}s") from None
+        failed = [o for o in outcomes if o is not None]
+        if not failed:
+            return None
+        if len(failed) == n and all(isinstance(o, SinkError) and o.retryable for o in failed):
+            first = failed[0]
+            raise SinkError(f"{n} of {n} messages not acknowledged by JetStream: {first}",
+                            retry_after=getattr(first, "retry_after", None)) from first
+        return outcomes
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush and close the connection, stop the loop thread. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop).result(timeout + 1)
+        except Exception as ex:
+            log.warning("walbatch: closing the NATS connection failed: %s", ex)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            tasks = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self._loop.close()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        o = self.options
+        ctx = ssl.create_default_context(cafile=o.tls_ca)
+        if o.tls_cert:
+            ctx.load_cert_chain(o.tls_cert, o.tls_key)
+        return ctx
+
+    # -------------------------------------------------------------- loop side
+
+    async def _publish(self, todo: list[tuple[int, str, bytes, str]],
+                       outcomes: list[BaseException | None]) -> None:
+        await self._ensure_ready()
+        nc = self._nc
+        if not nc.is_connected:
+            # Going down (closed_cb not run yet): next attempt starts a fresh connection.
+            self._ready = False
+            raise SinkError("the connection to NATS was lost; the next attempt reconnects")
+        key = str(next(self._batch_ids))
+        acks = _Acks(len(outcomes), asyncio.get_running_loop().create_future())
+        reply = f"{self._inbox}.{key}."
+        stream, max_size, bound = self.options.stream, self._max_size, self._is_bound
+        sent: list[int] = []
+        self._pending[key] = acks
+        try:
+            for i, subject, payload, msg_id in todo:
+                if not bound(subject):
+                    outcomes[i] = PermanentSinkError(
+                        f"subject {subject!r} is not bound to stream {stream!r} (its subjects: "
+                        f"{', '.join(self._filters)})")
+                    continue
+                size = len(payload) + len(msg_id) + _HEADER_OVERHEAD
+                if max_size >= 0 and size > max_size:
+                    outcomes[i] = PermanentSinkError(
+                        f"message of {size} bytes (with headers) exceeds the limit of {max_size} "
+                        f"bytes (stream {stream!r} max_msg_size / server max_payload)")
+                    continue
+                acks.left += 1
+                sent.append(i)
+                try:
+                    await nc.publish(subject, payload, reply=reply + str(i),
+                                     headers={MSG_ID: msg_id})
+                except Exception as ex:  # closed, buffer full while reconnecting, ...
+                    acks.give_up(f"publish failed: {type(ex).__name__}: {ex}")
+                    break
+            acks.sent_all()
+            if not acks.done.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(acks.done), self.options.timeout)
+                except TimeoutError:
+                    acks.give_up(f"no ack within {self.options.timeout:g}s")
+        finally:
+            del self._pending[key]
+        lost: BaseException | None = None
+        for i in sent:
+            msg = acks.msgs[i]
+            if msg is None:
+                if lost is None:
+                    lost = SinkError(acks.lost or "no ack")
+                outcomes[i] = lost
+            else:
+                outcomes[i] = _ack_outcome(msg, stream)
+
+    def _is_bound(self, subject: str) -> bool:
+        known = self._bound.get(subject)
+        if known is None:
+            known = any(subject_matches(f, subject) for f in self._filters)
+            if len(self._bound) > 10_000:  # a template over an unbounded field
+                self._bound.clear()
+            self._bound[subject] = known
+        return known
+
+    async def _ensure_ready(self) -> None:
+        if self._ready and self._nc is not None and self._nc.is_connected:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._nc is None or not self._nc.is_connected:
+                if self._nc is not None and not self._nc.is_closed:
+                    try:
+                        await self._nc.close()
+                    except Exception:
+                        pass
+                self._ready = False
+                await self._connect()
+            if not self._ready:
+                await self._load_stream()
+                self._ready = True
+
+    async def _connect(self) -> None:
+        o = self.options
+        nc = self._nats.aio.client.Client()
+        self._last_connect_error = None
+        kwargs: dict[str, Any] = dict(
+            servers=o.servers, name=o.name, connect_timeout=min(o.connect_timeout, 2.0),
+            # One pass over the servers per write attempt (each tried twice, reconnect_wait
+            # apart), then fail: the flusher's backoff paces further attempts while the log
+            # holds the items. A connection that drops is not revived by nats-py either; the
+            # next write makes a new one. So a write never publishes into a half-dead
+            # connection's buffer, and every new connection looks the stream up again.
+            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=o.reconnect_wait,
+            **self._callbacks(nc),
+            # Our subjects are validated when the URL is parsed (and per item for templates).
+            skip_subject_validation=True)
+        if o.user is not None:
+            kwargs.update(user=o.user, password=o.password)
+        if o.token is not None:
+            kwargs["token"] = o.token
+        if o.creds is not None:
+            kwargs["user_credentials"] = o.creds
+        if self._ssl is not None:
+            kwargs["tls"] = self._ssl
+        try:
+            await asyncio.wait_for(nc.connect(**kwargs), o.connect_timeout)
+        except BaseException as ex:
+            cause = self._last_connect_error or ex
+            try:
+                await nc.close()
+            except Exception:
+                pass
+            if isinstance(ex, asyncio.CancelledError):
+                raise
+            raise SinkError(f"cannot connect to NATS at {', '.join(o.servers)}: "
+                            f"{type(cause).__name__}: {cause}") from None
+        self._nc = nc
+        self._error_logged = False
+        self._inbox = nc.new_inbox()
+        await nc.subscribe(self._inbox + ".>", cb=self._on_ack,
+                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    async def _load_stream(self) -> None:
+        o = self.options
+        nats = self._nats
+        js = self._nc.jetstream(timeout=o.timeout)
+        try:
+            try:
+                info = await js.stream_info(o.stream)
+            except nats.js.errors.NotFoundError:
+                if not o.create:
+                    raise SinkError(
+                        f"JetStream stream {o.stream!r} does not exist; create it (subjects "
+                        f"{self._template.filter!r}, see docs/sinks/nats.md) or add ?create=1 "
+                        "to the sink URL") from None
+                info = await self._create_stream(js)
+        except SinkError:
+            raise
+        except Exception as ex:
+            raise SinkError(f"cannot look up JetStream stream {o.stream!r}: "
+                            f"{type(ex).__name__}: {ex}") from None
+        cfg = info.config
+        self._filters = list(cfg.subjects or [])
+        self._bound.clear()
+        limits = [s for s in (self._nc.max_payload, cfg.max_msg_size) if s is not None and s >= 0]
+        self._max_size = min(limits) if limits else -1
+        if self._template.literal is not None and not self._is_bound(self._template.literal):
+            log.error("walbatch: subject %r is not bound to JetStream stream %r (subjects: %s); "
+                      "every item will be dead-lettered", self._template.literal, o.stream,
+                      ", ".join(self._filters) or "none")
+        self._check_window(cfg.duplicate_window or 0.0)
+
+    async def _create_stream(self, js: Any) -> Any:
+        o = self.options
+        api = self._nats.js.api
+        config = api.StreamConfig(
+            name=o.stream, subjects=[self._template.filter],
+            storage=api.StorageType.FILE if o.storage == "file" else api.StorageType.MEMORY,
+            num_replicas=o.replicas,
+            duplicate_window=o.dup_window if o.dup_window is not None else o.horizon)
+        try:
+            info = await js.add_stream(config)
+        except self._nats.js.errors.BadRequestError:
+            # Another walbatch host created it first (same name, maybe another config):
+            # use what is there; the window check below still applies.
+            return await js.stream_info(o.stream)
+        log.info("walbatch: created JetStream stream %r (subjects %r, %s, R%d, duplicate "
+                 "window %ss)", o.stream, self._template.filter, o.storage, o.replicas,
+                 f"{config.duplicate_window:g}")
+        return info
+
+    def _check_window(self, window: float) -> None:
+        horizon = self.options.horizon
+        if window >= horizon or self._warned_window:
+            return
+        self._warned_window = True
+        log.warning(
+            "walbatch: JetStream stream %r remembers message ids for %s (duplicate_window), less "
+            "than the sink's redelivery horizon of %s: a record redelivered later than that "
+            "after its first publish (e.g. replayed when walbatch restarts after a longer "
+            "outage) is stored twice. Raise the window (nats stream edit %s --dupe-window=%s) "
+            "or set ?horizon= to the longest outage you accept duplicates after.",
+            self.options.stream, _fmt_duration(window), _fmt_duration(horizon),
+            self.options.stream, _fmt_duration(horizon))
+
+    async def _on_ack(self, msg: Any) -> None:
+        # Reply subject: <inbox>.<batch key>.<index in batch>
+        key, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
+        acks = self._pending.get(key)
+        if acks is not None:  # else a late ack for a batch that gave up; its retry is deduplicated
+            try:
+                acks.add(int(index), msg)
+            except (ValueError, IndexError):
+                pass
+
+    def _callbacks(self, nc: Any) -> dict[str, Any]:
+        """nats-py callbacks bound to one connection: a replaced one must not touch the next."""
+
+        async def disconnected() -> None:
+            if nc is not self._nc:
+                return
+            if not self._closed:
+                log.warning("walbatch: disconnected from NATS; the next write reconnects")
+            # Acks for messages in flight will never arrive on this connection: fail those
+            # batches now instead of waiting out the timeout. JetStream may have stored
+            # some; the retry carries the same ids and the duplicate window drops them.
+            for acks in list(self._pending.values()):
+                acks.give_up("connection to NATS lost before the ack")
+
+        async def closed() -> None:
+            if nc is self._nc:
+                for acks in list(self._pending.values()):
+                    acks.give_up("connection to NATS closed")
+
+        async def error(ex: BaseException) -> None:
+            self._last_connect_error = ex
+            # While the servers are away nats-py reports every failed attempt (one per
+            # reconnect_wait); one line per outage is enough.
+            if nc is self._nc and not self._closed and not self._error_logged:
+                self._error_logged = True
+                log.warning("walbatch: NATS connection error: %s: %s", type(ex).__name__, ex)
+
+        return dict(error_cb=error, disconnected_cb=disconnected, closed_cb=closed)
+
+    async def _shutdown(self, timeout: float) -> None:
+        for acks in list(self._pending.values()):
+            acks.give_up("the NATS sink is closing")
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.flush(), timeout) if nc.is_connected else None
+            except Exception:
+                pass
+            await asyncio.wait_for(nc.close(), timeout)
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def from_url(url: str) -> NATSSink:
+    """Build a NATSSink from ``nats://host:port[,host:port...]?stream=S&subject=T[&...]``."""
+    return NATSSink(parse_url(url))
