@@ -1,0 +1,736 @@
+"""The HTTP bulk sink against a real HTTP server started by the test.
+
+``BulkAPI`` behaves like a bulk-ingest endpoint with idempotency keys: it
+decodes each body (gzip, zstd or none), insists on valid NDJSON, stores a
+request's lines only the first time it sees its Idempotency-Key, and keeps
+every item by its identity ``(log_id, seq)``, counting any identity that came
+back under another key (after a crash a batch may be re-cut differently). It
+fails on demand: a status with headers, a connection reset (before or after
+storing), a slow answer, or a dropped keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from helpers import WAIT
+
+from walbatch import Batch, DeadLettered, DurableBatcher, PermanentSinkError, Record, SinkError
+from walbatch.sinks import sink_from_url
+from walbatch.sinks.http import HTTPSink, from_url, idempotency_key, parse_retry_after
+
+zstandard = pytest.importorskip("zstandard")
+
+LOG_ID = "6f1c2a8e-0000-4000-8000-000000000001"
+
+
+# --------------------------------------------------------------- the server
+
+
+@dataclass
+class Fault:
+    """What the server does with one request instead of a plain 200."""
+
+    kind: str  # "status", "reset", "slow", "drop" (answer 200, then close the connection)
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    store: bool = False  # store the request before failing (the client cannot know it landed)
+    delay: float = 0.0
+
+
+@dataclass
+class Request:
+    at: float
+    headers: dict[str, str]  # lower-cased names
+    wire: bytes
+    body: bytes
+    lines: list[Any]
+    conn: int
+    status: int = 0
+    duplicate: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.headers.get("idempotency-key", "")
+
+
+class BulkAPI:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[Request] = []  # every POST, in arrival order
+        self.accepted: list[Request] = []  # stored: the first request with each key
+        self.keys: set[str] = set()
+        self.items: dict[tuple[str, int], Any] = {}  # identity -> item, first arrival
+        self.identity_dups = 0  # lines under a new key whose identity was stored already
+        self.mismatches: list[tuple[str, int]] = []  # same identity, different item: a bug
+        self.malformed: list[str] = []
+        self.faults: deque[Fault] = deque()
+        self.rule: Any = None  # fn(Request) -> Fault | None, when no queued fault is left
+        self.opened = 0
+        self.closed = 0
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real API
+            disable_nagle_algorithm = True  # headers and body go out in two writes
+
+            def setup(self) -> None:
+                super().setup()
+                with api.lock:
+                    api.opened += 1
+                    self.conn_id = api.opened
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                except (OSError, ValueError):
+                    pass  # a connection we reset on purpose
+                with api.lock:
+                    api.closed += 1
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                api.handle(self)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients that time out and go away are part of the tests
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- one request
+
+    def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        at = time.monotonic()
+        wire = h.rfile.read(int(h.headers.get("Content-Length", "0")))
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        try:
+            enc = headers.get("content-encoding", "identity")
+            body = {"gzip": gzip.decompress, "identity": bytes,
+                    "zstd": lambda b: zstandard.ZstdDecompressor().decompress(b)}[enc](wire)
+            if body and not body.endswith(b"\n"):
+                raise ValueError("body does not end with a newline")
+            lines = [json.loads(line) for line in body.split(b"\n")[:-1]]
+            if len(lines) != int(headers["walbatch-count"]):
+                raise ValueError("Walbatch-Count disagrees with the body")
+        except Exception as ex:
+            with self.lock:
+                self.malformed.append(repr(ex))
+            self._answer(h, 400, {}, f"malformed body: {ex}".encode())
+            return
+        req = Request(at, headers, wire, body, lines, h.conn_id)  # type: ignore[attr-defined]
+        with self.lock:
+            self.requests.append(req)
+            fault = self.faults.popleft() if self.faults else None  # a queued None: plain 200
+        if fault is None and self.rule is not None:
+            fault = self.rule(req)
+        if fault is None or fault.store or fault.kind in ("slow", "drop"):
+            self._store(req)
+        if fault is None:
+            self._answer(h, 200, {}, b'{"ok":true}', req)
+        elif fault.kind == "status":
+            self._answer(h, fault.status, fault.headers, fault.body, req)
+        elif fault.kind == "slow":
+            time.sleep(fault.delay)
+            self._answer(h, 200, {}, b'{"ok":true}', req)
+        elif fault.kind == "drop":
+            self._answer(h, 200, {}, b'{"ok":true}', req)
+            h.close_connection = True  # no "Connection: close": the client finds out later
+        elif fault.kind == "reset":
+            # SO_LINGER 0: close() sends RST instead of FIN.
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.rfile.close()
+            h.wfile.close()
+            h.connection.close()
+            h.close_connection = True
+
+    def _store(self, req: Request) -> None:
+        with self.lock:
+            if req.key in self.keys:
+                req.duplicate = True
+                return
+            self.keys.add(req.key)
+            self.accepted.append(req)
+            for ident, item in identities(req):
+                if ident in self.items:
+                    self.identity_dups += 1
+                    if self.items[ident] != item:
+                        self.mismatches.append(ident)
+                else:
+                    self.items[ident] = item
+
+    def _answer(self, h: Any, status: int, headers: dict[str, str], body: bytes,
+                req: Request | None = None) -> None:
+        if req is not None:
+            req.status = status
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    # -- what the tests look at
+
+    def stored(self) -> dict[int, Any]:
+        """seq -> item of everything stored (one log id per test)."""
+        with self.lock:
+            return {seq: item for (_, seq), item in self.items.items()}
+
+    def sent(self) -> list[Request]:
+        with self.lock:
+            return list(self.requests)
+
+
+def identities(req: Request) -> list[tuple[tuple[str, int], Any]]:
+    """(log_id, seq) and item of each line: from the envelope, or from the headers."""
+    if req.lines and isinstance(req.lines[0], dict) and set(req.lines[0]) == {"log_id", "seq", "item"}:
+        return [((line["log_id"], line["seq"]), line["item"]) for line in req.lines]
+    first = int(req.headers["walbatch-first-seq"])  # envelope=0: contiguous seqs, in order
+    return [((req.headers["walbatch-log-id"], first + i), line) for i, line in enumerate(req.lines)]
+
+
+@pytest.fixture
+def api():
+    server = BulkAPI()
+    yield server
+    server.stop()
+
+
+def batch(*items: Any, first_seq: int = 1, attempt: int = 1) -> Batch:
+    return Batch([Record(first_seq + i, item) for i, item in enumerate(items)], LOG_ID, "size", attempt)
+
+
+def check_exactly_once(api: BulkAPI, expected: dict[int, Any]) -> None:
+    assert not api.malformed
+    assert api.stored() == expected
+    assert api.identity_dups == 0 and not api.mismatches
+
+
+# --------------------------------------------------------------- round trips
+
+
+ITEMS = [{"user": 1, "action": "login"}, "plain text", 42, 2.5, None, True, [1, "two", None],
+         {"nested": {"deep": [1, 2]}, "blob": b"\x00\xffbin"}, b"raw bytes", "unicodé ☃",
+         {1: "int key"}]
+
+
+def as_json(item: Any) -> Any:
+    """What the server should get for an item: bytes as {"$base64": ...}, keys as strings."""
+    return json.loads(json.dumps(item, default=lambda b: {"$base64": __import__("base64")
+                                                          .b64encode(b).decode()}))
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd", "none"])
+def test_round_trip_through_a_durable_batcher(api, make, compress):
+    b = make(f"{api.url}/bulk?compress={compress}", max_items=4)
+    receipts = [b.submit(item) for item in ITEMS]
+    b.flush(timeout=WAIT)
+    for r in receipts:
+        r.wait(timeout=WAIT)
+    expected = {r.seq: as_json(item) for r, item in zip(receipts, ITEMS, strict=True)}
+    check_exactly_once(api, expected)
+    reqs = api.sent()
+    assert len(reqs) >= len(ITEMS) // 4
+    for req in reqs:
+        assert req.headers["content-type"] == "application/x-ndjson"
+        assert req.headers.get("content-encoding", "none") == compress
+        assert req.headers["walbatch-log-id"] == b.log_id
+        for line in req.lines:
+            assert line["log_id"] == b.log_id and set(line) == {"log_id", "seq", "item"}
+        seqs = [line["seq"] for line in req.lines]
+        assert req.key == f"{b.log_id}:{seqs[0]}-{seqs[-1]}"
+        assert req.headers["walbatch-first-seq"] == str(seqs[0])
+        assert req.headers["walbatch-last-seq"] == str(seqs[-1])
+    if compress == "gzip":
+        assert reqs[0].wire[:2] == b"\x1f\x8b"
+    stats = b.stats()
+    assert stats.delivered == len(ITEMS) and stats.dead_lettered == 0
+
+
+def test_bare_items_without_envelope_carry_identity_in_headers(api, make):
+    b = make(f"{api.url}/bulk?envelope=0&compress=none", max_items=100)
+    items = [{"n": i} for i in range(10)] + ["text", 7]
+    receipts = b.submit_many(items)
+    b.flush(timeout=WAIT)
+    (req,) = api.sent()
+    assert req.body == b"".join(json.dumps(i, separators=(",", ":")).encode() + b"\n" for i in items)
+    assert req.headers["walbatch-first-seq"] == str(receipts.first_seq)
+    assert req.headers["walbatch-count"] == str(len(items))
+    check_exactly_once(api, dict(zip(receipts.seqs, items, strict=True)))
+
+
+def test_headers_from_the_url_the_environment_a_file_and_the_constructor(api, tmp_path, monkeypatch):
+    monkeypatch.setenv("WB_TEST_TOKEN", "Bearer s3cret")
+    hfile = tmp_path / "headers"
+    hfile.write_text("# comment\nX-Tenant: acme\n")
+    sink = sink_from_url(f"{api.url}/bulk?header=X-Api:Key%20x&header=X-Two:2"
+                         f"&header_env=Authorization:WB_TEST_TOKEN&headers_file={hfile}"
+                         "&content_type=application/json-seq&query.pipeline=p1&query.refresh=true")
+    try:
+        assert isinstance(sink, HTTPSink)
+        assert "s3cret" not in repr(sink)
+        sink.write(batch({"a": 1}))
+    finally:
+        sink.close()
+    (req,) = api.sent()
+    h = req.headers
+    assert (h["x-api"], h["x-two"], h["x-tenant"]) == ("Key x", "2", "acme")
+    assert h["authorization"] == "Bearer s3cret"
+    assert h["content-type"] == "application/json-seq"
+    own = HTTPSink(f"{api.url}/bulk", headers={"Authorization": "Bearer k"}, compress="none")
+    try:
+        own.write(batch({"b": 2}, first_seq=2))
+    finally:
+        own.close()
+    assert api.sent()[1].headers["authorization"] == "Bearer k"
+
+
+def test_query_passthrough_and_basic_auth_from_user_info(api):
+    seen: list[str] = []
+    api.rule = lambda req: seen.append(req.headers["authorization"]) or None
+    sink = from_url(f"http://ann:p%40ss@127.0.0.1:{api.server.server_address[1]}/b?query.x=1")
+    try:
+        assert sink.path == "/b?x=1"
+        assert "p@ss" not in repr(sink) and "ann" not in repr(sink)
+        sink.write(batch(1))
+    finally:
+        sink.close()
+    import base64
+    assert seen == ["Basic " + base64.b64encode(b"ann:p@ss").decode()]
+
+
+# ------------------------------------------------------- keys and retries
+
+
+def test_a_retry_sends_the_same_key_and_the_same_bytes(api, make):
+    api.faults.append(Fault("status", 503))
+    b = make(f"{api.url}/bulk", max_items=50)
+    receipts = b.submit_many([{"i": i} for i in range(20)])
+    b.flush(timeout=WAIT)
+    first, second = api.sent()
+    assert first.key == second.key == idempotency_key(b.log_id, list(receipts.seqs))
+    assert first.wire == second.wire
+    assert (first.headers["walbatch-attempt"], second.headers["walbatch-attempt"]) == ("1", "2")
+    assert b.stats().retries == 1
+    check_exactly_once(api, {s: {"i": i} for i, s in enumerate(receipts.seqs)})
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(429, "0.3"), (503, "0.3"), (429, "1")])
+def test_retry_after_is_honoured(api, make, status, retry_after):
+    api.faults.append(Fault("status", status, {"Retry-After": retry_after}))
+    b = make(f"{api.url}/bulk")
+    b.submit({"x": 1})
+    b.flush(timeout=WAIT)
+    first, second = api.sent()
+    assert second.at - first.at >= float(retry_after)
+    assert b.stats().delivered == 1
+
+
+def test_retry_after_parsing():
+    now = 1_700_000_000.0
+    assert parse_retry_after("3", now) == 3.0
+    assert parse_retry_after(" 0.25 ", now) == 0.25
+    assert parse_retry_after(formatdate(now + 120, usegmt=True), now) == pytest.approx(120, abs=1)
+    assert parse_retry_after(formatdate(now - 120, usegmt=True), now) == 0.0
+    for bad in (None, "", "soon", "-1", "nan", "inf"):
+        assert parse_retry_after(bad, now) is None
+
+
+FAILURES = {
+    "503": [Fault("status", 503, {"Retry-After": "0"})],
+    "500 after storing": [Fault("status", 500, store=True)],
+    "502 twice": [Fault("status", 502), Fault("status", 502, body=b"<html>bad gateway</html>")],
+    "408": [Fault("status", 408)],
+    "reset before storing": [Fault("reset"), Fault("reset")],
+    "reset after storing": [Fault("reset", store=True), Fault("reset", store=True)],
+    "slow answer (client timeout)": [Fault("slow", delay=1.0)],
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_transient_failures_then_success_deliver_exactly_once(api, make, failure):
+    api.faults.extend(FAILURES[failure])
+    b = make(f"{api.url}/bulk?timeout=0.3", max_items=10)
+    receipts = b.submit_many([{"i": i} for i in range(25)])
+    receipts.wait(timeout=WAIT)
+    b.flush(timeout=WAIT)
+    stats = b.stats()
+    assert stats.delivered == 25 and stats.dead_lettered == 0 and stats.retries >= 1
+    check_exactly_once(api, {s: {"i": i} for i, s in enumerate(receipts.seqs)})
+    assert all(req.status in (0, 200, 408, 500, 502, 503) for req in api.sent())
+
+
+def test_a_dropped_keep_alive_connection_is_reopened_without_a_retry(api):
+    sink = HTTPSink(f"{api.url}/bulk")
+    try:
+        api.faults.append(Fault("drop"))
+        sink.write(batch({"a": 1}))
+        time.sleep(0.05)  # let the server's close arrive
+        sink.write(batch({"b": 2}, first_seq=2))  # no SinkError: one quiet reconnect
+        assert sink.stats()["stale_reconnects"] == 1
+    finally:
+        sink.close()
+    check_exactly_once(api, {1: {"a": 1}, 2: {"b": 2}})
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422, 301])
+def test_other_statuses_are_permanent(api, status):
+    api.faults.append(Fault("status", status, body=b'{"error": "mapping failed for field x"}'))
+    sink = HTTPSink(f"{api.url}/bulk")
+    try:
+        with pytest.raises(PermanentSinkError, match=f"HTTP {status}.*mapping failed for field x"):
+            sink.write(batch({"a": 1}))
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503, 599])
+def test_transient_statuses_raise_retryable_sink_errors(api, status):
+    api.faults.append(Fault("status", status, {"Retry-After": "7"}))
+    sink = HTTPSink(f"{api.url}/bulk")
+    try:
+        with pytest.raises(SinkError) as info:
+            sink.write(batch({"a": 1}))
+    finally:
+        sink.close()
+    assert info.value.retryable and info.value.retry_after == 7.0
+    assert f"HTTP {status}" in str(info.value)
+
+
+def test_retry_status_makes_a_4xx_transient(api):
+    api.faults.append(Fault("status", 401))
+    sink = from_url(f"{api.url}/bulk?retry_status=401,403")
+    try:
+        with pytest.raises(SinkError) as info:
+            sink.write(batch({"a": 1}))
+        assert info.value.retryable
+    finally:
+        sink.close()
+
+
+def test_connection_refused_is_transient():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    sink = HTTPSink(f"http://127.0.0.1:{port}/bulk", timeout=1)
+    with pytest.raises(SinkError) as info:
+        sink.write(batch({"a": 1}))
+    assert info.value.retryable and "ConnectionRefusedError" in str(info.value)
+
+
+# ---------------------------------------------------------- dead letters
+
+
+def test_400_dead_letters_the_batch_with_the_status(api, make):
+    api.faults.append(Fault("status", 400, body=b'{"error":"field user must be a string"}'))
+    b = make(f"{api.url}/bulk", max_items=100)
+    receipts = b.submit_many([{"user": i} for i in range(5)])
+    b.flush(timeout=WAIT)
+    with pytest.raises(DeadLettered, match="HTTP 400"):
+        receipts[0].wait(timeout=WAIT)
+    assert b.stats().dead_lettered == 5
+    dead = b.dead_letters.list()
+    assert [d.seq for d in dead] == list(receipts.seqs)
+    assert "HTTP 400" in dead[0].error and "field user must be a string" in dead[0].error
+    assert dead[0].error_type == "PermanentSinkError"
+    assert api.stored() == {}
+
+
+def test_an_item_with_no_json_form_is_dead_lettered_alone(api, make):
+    b = make(f"{api.url}/bulk", max_items=100)
+    items = [{"ok": 1}, {"bad": float("nan")}, {b"bytes key": 1}, {"ok": 2}]
+    receipts = b.submit_many(items)
+    b.flush(timeout=WAIT)
+    dead = {d.seq: d.error for d in b.dead_letters.list()}
+    s = list(receipts.seqs)
+    assert set(dead) == {s[1], s[2]} and all("no JSON form" in e for e in dead.values())
+    check_exactly_once(api, {s[0]: {"ok": 1}, s[3]: {"ok": 2}})
+
+
+# -------------------------------------------------------------- splitting
+
+
+def test_a_batch_over_max_body_bytes_is_split_with_a_key_per_part(api, make):
+    limit = 1000
+    b = make(f"{api.url}/bulk?max_body_bytes={limit}", max_items=200, max_bytes=1 << 20)
+    items = [{"i": i, "pad": "p" * (i % 40)} for i in range(120)]
+    receipts = b.submit_many(items)
+    b.flush(timeout=WAIT)
+    reqs = api.sent()
+    assert len(reqs) > 5
+    assert all(len(req.body) <= limit for req in reqs)
+    keys = [req.key for req in reqs]
+    assert len(set(keys)) == len(keys)
+    for req in reqs:
+        seqs = [line["seq"] for line in req.lines]
+        assert req.key == idempotency_key(b.log_id, seqs)
+    # greedy: each part but the last would have overflowed with the next line
+    for req, nxt in zip(reqs, reqs[1:], strict=False):
+        assert len(req.body) + len(nxt.body.split(b"\n", 1)[0]) + 1 > limit
+    check_exactly_once(api, dict(zip(receipts.seqs, items, strict=True)))
+
+
+def test_an_item_larger_than_max_body_bytes_is_dead_lettered(api, make):
+    b = make(f"{api.url}/bulk?max_body_bytes=500", max_items=100)
+    receipts = b.submit_many([{"small": 1}, {"huge": "h" * 1000}, {"small": 2}])
+    b.flush(timeout=WAIT)
+    with pytest.raises(DeadLettered, match="more than max_body_bytes=500"):
+        receipts[1].wait(timeout=WAIT)
+    s = list(receipts.seqs)
+    check_exactly_once(api, {s[0]: {"small": 1}, s[2]: {"small": 2}})
+    assert b.stats().dead_lettered == 1
+
+
+def test_when_one_part_fails_only_its_items_fail(api, make):
+    # Parts 2 and 4 (of ~6) get a 400 and a 503: 2 is dead-lettered, 4 retried under its key.
+    n = {"req": 0}
+
+    def rule(req: Request) -> Fault | None:
+        n["req"] += 1
+        if n["req"] == 2:
+            return Fault("status", 400, body=b"bad part")
+        if n["req"] == 4:
+            return Fault("status", 503, {"Retry-After": "0"})
+        return None
+
+    api.rule = rule
+    b = make(f"{api.url}/bulk?max_body_bytes=600&compress=none", max_items=100)
+    items = [{"i": i, "pad": "q" * 20} for i in range(40)]
+    receipts = b.submit_many(items)
+    b.flush(timeout=WAIT)
+    reqs = api.sent()
+    bad = {line["seq"] for line in reqs[1].lines}
+    failed_key = reqs[3].key
+    # the 503'd part and the unsent ones after it were retried; the 503'd part kept its key
+    retried = [r for r in reqs[4:] if r.headers["walbatch-attempt"] == "2"]
+    assert retried and retried[0].key == failed_key and retried[0].wire == reqs[3].wire
+    assert {d.seq for d in b.dead_letters.list()} == bad
+    expected = {s: it for s, it in zip(receipts.seqs, items, strict=True) if s not in bad}
+    check_exactly_once(api, expected)
+    stats = b.stats()
+    assert stats.delivered == 40 - len(bad) and stats.dead_lettered == len(bad)
+
+
+def test_a_partial_retry_is_cut_into_the_same_requests(api):
+    # Parts 1..n; part 2 gets a 400 and part 3 a 503, so 4.. are not sent. The retry
+    # holds parts 3.. only: it must be cut exactly as before (same keys, same bytes).
+    sink = HTTPSink(f"{api.url}/bulk", max_body_bytes=300, compress="none")
+    full = batch(*[{"i": i, "pad": "z" * (5 + (i * 7) % 30)} for i in range(30)])
+    planned = [[r.seq for r in part.records] for part in sink._cut(full, LOG_ID, {})]
+    assert len(planned) >= 5
+    api.faults.extend([None, Fault("status", 400), Fault("status", 503, {"Retry-After": "2"})])
+    try:
+        out = sink.write(full)
+        assert out is not None
+        by_seq = dict(zip([r.seq for r in full], out, strict=True))
+        assert all(by_seq[s] is None for s in planned[0])
+        assert all(isinstance(by_seq[s], PermanentSinkError) for s in planned[1])
+        later = [s for part in planned[2:] for s in part]
+        assert all(by_seq[s].retryable and by_seq[s].retry_after == 2.0 for s in later)
+        assert len(api.sent()) == 3  # nothing sent after the 503
+        retry = Batch([r for r in full if r.seq in set(later)], LOG_ID, "size", 2)
+        assert sink.write(retry) is None
+    finally:
+        sink.close()
+    reqs = api.sent()
+    assert [[line["seq"] for line in r.lines] for r in reqs] == planned[:3] + planned[2:]
+    assert reqs[3].key == reqs[2].key and reqs[3].wire == reqs[2].wire
+    assert api.stored() == {r.seq: r.item for r in full if r.seq not in set(planned[1])}
+
+
+# ------------------------------------------------------ connections, options
+
+
+def test_one_keep_alive_connection_per_delivery_thread(api, make):
+    b = make(f"{api.url}/bulk", max_items=5, flush_concurrency=3)
+    receipts = b.submit_many([{"i": i} for i in range(200)])
+    b.flush(timeout=WAIT)
+    reqs = api.sent()
+    assert len(reqs) >= 40
+    assert len({r.conn for r in reqs}) <= 3
+    check_exactly_once(api, {s: {"i": i} for i, s in enumerate(receipts.seqs)})
+    b.close(timeout=WAIT)
+    deadline = time.monotonic() + WAIT
+    while api.closed < api.opened and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.closed == api.opened, "close() left connections open"
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http:///bulk", "has no host"),
+    ("http://127.0.0.1:99999/bulk", "bad port"),
+    ("http://h/bulk?compress=brotli", "compress must be one of"),
+    ("http://h/bulk?compress=gzip&compress_level=12", "compress_level for gzip"),
+    ("http://h/bulk?compress=none&compress_level=1", "compress_level needs"),
+    ("http://h/bulk?envelope=maybe", "envelope must be 1 or 0"),
+    ("http://h/bulk?max_body_bytes=5MB", "max_body_bytes must be an integer"),
+    ("http://h/bulk?max_body_bytes=10", "max_body_bytes must be an integer >= 64"),
+    ("http://h/bulk?timeout=0", "timeout must be a number of seconds > 0"),
+    ("http://h/bulk?timeout=abc", "timeout must be a number"),
+    ("http://h/bulk?header=NoColon", "must look like header=NAME:VALUE"),
+    ("http://h/bulk?header=Bad%20Name:x", "not a valid header name"),
+    ("http://h/bulk?header=X-A:a%0D%0Ab", "without CR, LF or NUL"),
+    ("http://h/bulk?header=Content-Length:5", "set by the sink itself"),
+    ("http://h/bulk?header=Content-Type:x", "use content_type="),
+    ("http://h/bulk?header_env=Authorization:WB_SURELY_UNSET_VAR", "WB_SURELY_UNSET_VAR is not set"),
+    ("http://h/bulk?headers_file=/nonexistent/h", "headers_file"),
+    ("http://h/bulk?compres=gzip", "unknown option 'compres'"),
+    ("http://h/bulk?pipeline=x", "query.pipeline="),
+    ("http://h/bulk?timeout=1&timeout=2", "timeout given twice"),
+    ("http://h/bulk?timeout=", "option timeout is empty"),
+    ("http://h/bulk?envelope", "malformed query string"),
+    ("http://h/bulk?retry_status=4xx", "retry_status must be an integer"),
+    ("http://h/bulk?retry_status=42", "retry_status must hold HTTP status codes"),
+    ("http://h/bulk?ca_file=/x.pem", "ca_file needs an https"),
+    ("https://h/bulk?ca_file=/nonexistent.pem", "does not exist"),
+    ("http://u:p@h/bulk?header=Authorization:x", "use one"),
+    ("http://h/bulk#frag", "fragment"),
+])
+def test_malformed_urls_and_options_name_the_problem(url, message):
+    with pytest.raises(ValueError, match=message.replace("?", r"\?")) as info:
+        sink_from_url(url)
+    assert "u:p@" not in str(info.value)
+
+
+def test_defaults():
+    sink = from_url("https://example.com/_bulk")
+    assert (sink.compress, sink.compress_level, sink.envelope) == ("gzip", 6, True)
+    assert sink.max_body_bytes == 5 << 20 and sink.timeout == 30.0 and sink.port == 443
+    assert sink.content_type == "application/x-ndjson"
+
+
+def test_keys_for_gapped_parts_never_collide_with_contiguous_ones():
+    assert idempotency_key("L", [3, 4, 5]) == "L:3-5"
+    gapped = idempotency_key("L", [3, 5])
+    assert gapped.startswith("L:3-5:2:") and gapped != idempotency_key("L", [3, 4, 5])
+    assert idempotency_key("L", [3, 5]) == gapped  # a function of the seqs alone
+    assert idempotency_key("L", [1, 2, 5]) != idempotency_key("L", [1, 4, 5])
+
+
+# ----------------------------------------------------------------- kill -9
+
+
+CHILD = textwrap.dedent("""
+    import sys, threading
+    from walbatch import DurableBatcher
+    log_dir, url, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    b = DurableBatcher(log_dir, url, max_items=64, max_delay=0.005, segment_bytes=16384,
+                       checkpoint_interval=0.002, retry_initial_delay=0.002, retry_max_delay=0.02,
+                       flush_concurrency=2)
+    def work(t):
+        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
+            k = 0
+            while True:
+                if k % 5 == 2:
+                    items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j * 7 % 90)} for j in range(15)]
+                    b.submit_many(items)
+                    f.write("".join(i["id"] + "\\n" for i in items))
+                else:
+                    item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 80)}
+                    b.submit(item)
+                    f.write(item["id"] + "\\n")
+                k += 1
+    for t in range(2):
+        threading.Thread(target=work, args=(t,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def payload_ok(item: dict[str, str]) -> bool:
+    parts = item["id"].split("-")
+    if len(parts) == 4:
+        return item["p"] == "x" * (int(parts[3]) * 7 % 90)
+    return item["p"] == "y" * (int(parts[2]) % 80)
+
+
+def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api):
+    seed = random.SystemRandom().randrange(1 << 32)
+    rng = random.Random(seed)
+    rule_rng = random.Random(seed + 1)
+    rule_lock = threading.Lock()
+
+    def rule(req: Request) -> Fault | None:
+        with rule_lock:
+            x = rule_rng.random()
+        if x < 0.05:
+            return Fault("status", 503, {"Retry-After": "0"})
+        if x < 0.08:
+            return Fault("reset", store=True)  # landed, but the client cannot know
+        if x < 0.10:
+            return Fault("status", 500, store=True)
+        if x < 0.20:
+            return Fault("slow", delay=0.01)
+        return None
+
+    api.rule = rule
+    directory = tempfile.mkdtemp(prefix="walbatch-http-kill-")
+    log_dir, acks = os.path.join(directory, "log"), os.path.join(directory, "acks")
+    # Small bodies, so most batches are cut into several requests and kills land between them.
+    url = f"{api.url}/bulk?max_body_bytes=2048&timeout=2"
+    cycles = 10
+    for cycle in range(cycles):
+        seen = len(api.sent())
+        child = subprocess.Popen([sys.executable, "-c", CHILD, log_dir, url, acks, str(cycle)])
+        # Kill it once it is delivering (start-up time varies a lot on a busy machine).
+        deadline = time.monotonic() + 20
+        while len(api.sent()) < seen + 3 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.01)
+        time.sleep(0.05 + rng.random() * 0.4)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    api.rule = None
+    with DurableBatcher(log_dir, url) as b:
+        b.flush(timeout=60)
+        stats = b.stats()
+    acked: set[str] = set()
+    for name in os.listdir(directory):
+        if name.startswith("acks."):
+            with open(os.path.join(directory, name)) as f:
+                acked.update(line[:-1] for line in f if line.endswith("\n"))
+    stored = api.stored()
+    ids = [item["id"] for item in stored.values()]
+    summary = (f"seed={seed} cycles={cycles} acknowledged={len(acked)} stored={len(stored)} "
+               f"requests={len(api.sent())} key_duplicates={sum(r.duplicate for r in api.sent())} "
+               f"identity_duplicates={api.identity_dups}")
+    print(summary)
+    assert len(acked) > 500, summary
+    assert not api.malformed and not api.mismatches, summary
+    missing = acked - set(ids)
+    assert not missing, f"{len(missing)} acknowledged items never arrived: {sorted(missing)[:5]}; {summary}"
+    assert len(ids) == len(set(ids)), f"an item was stored under two identities; {summary}"
+    assert all(payload_ok(item) for item in stored.values()), summary
+    assert stats.submitted == stats.delivered + stats.dead_lettered + stats.pending
+    assert stats.pending == 0 and stats.dead_lettered == 0, summary
