@@ -219,7 +219,7 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
     """500-row transactions with (_log_id, _seq) dedup: rows/s per method, same table shape."""
     out = []
 
-    def measure(name: str, make: Callable[[str], Callable[[list[tuple]], None]],
+    def measure(name: str, make: Callable[[str], Callable[[Batch], None]],
                 writers: int = 1) -> None:
         table = f"m_{len(out)}"
         create_table(server.conninfo, table)
@@ -231,8 +231,8 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
         def run(t: int) -> None:
             seq = (t << 40) + 1
             while time.perf_counter() < end_at:
-                rows = [(log_id, seq + i, *item(i).values()) for i in range(METHOD_BATCH)]
-                write(rows)
+                # What the flusher hands a sink; every method converts it itself (timed).
+                write(Batch([Record(seq + i, item(i)) for i in range(METHOD_BATCH)], log_id, "size"))
                 seq += METHOD_BATCH
                 counts[t] += METHOD_BATCH
 
@@ -246,34 +246,40 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
         assert count(server.conninfo, table) == sum(counts), name
         out.append({"method": name, "rows_per_s": sum(counts) / elapsed})
 
+    def tuples(batch: Batch) -> list[tuple]:
+        log_id = batch.log_id
+        return [(log_id, r.seq, r.item.get("user_id"), r.item.get("action"), r.item.get("ts"))
+                for r in batch]
+
     def conn() -> psycopg.Connection:
         return psycopg.connect(server.conninfo, autocommit=True)
 
-    def sink_write(pool: int) -> Callable[[str], Callable[[list[tuple]], None]]:
-        def make(table: str) -> Callable[[list[tuple]], None]:
+    def sink_write(pool: int) -> Callable[[str], Callable[[Batch], None]]:
+        def make(table: str) -> Callable[[Batch], None]:
             sink = PostgreSQLSink(server.conninfo, table=table, columns="user_id,action,ts",
                                   pool=pool)
 
-            def write(rows: list[tuple]) -> None:
-                recs = [Record(r[1], {"user_id": r[2], "action": r[3], "ts": r[4]}) for r in rows]
-                assert sink.write(Batch(recs, rows[0][0], "size")) is None
+            def write(batch: Batch) -> None:
+                assert sink.write(batch) is None
             return write
         return make
 
-    def copy_direct(table: str) -> Callable[[list[tuple]], None]:
+    def copy_direct(table: str) -> Callable[[Batch], None]:
         c = conn()
 
-        def write(rows: list[tuple]) -> None:
+        def write(batch: Batch) -> None:
+            rows = tuples(batch)
             with c.transaction(), c.cursor().copy(f"COPY {table} FROM STDIN") as cp:
                 for r in rows:
                     cp.write_row(r)
         return write
 
-    def copy_stage(table: str) -> Callable[[list[tuple]], None]:
+    def copy_stage(table: str) -> Callable[[Batch], None]:
         c = conn()
         c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
 
-        def write(rows: list[tuple]) -> None:
+        def write(batch: Batch) -> None:
+            rows = tuples(batch)
             with c.transaction():
                 cur = c.cursor()
                 with cur.copy("COPY st FROM STDIN") as cp:
@@ -283,11 +289,12 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
                             "ON CONFLICT (_log_id, _seq) DO NOTHING")
         return write
 
-    def copy_move(table: str) -> Callable[[list[tuple]], None]:
+    def copy_move(table: str) -> Callable[[Batch], None]:
         c = conn()
         c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
 
-        def write(rows: list[tuple]) -> None:
+        def write(batch: Batch) -> None:
+            rows = tuples(batch)
             with c.transaction():
                 cur = c.cursor()
                 with cur.copy("COPY st FROM STDIN") as cp:
@@ -297,10 +304,11 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
                             "SELECT * FROM m ON CONFLICT (_log_id, _seq) DO NOTHING")
         return write
 
-    def unnest(table: str) -> Callable[[list[tuple]], None]:
+    def unnest(table: str) -> Callable[[Batch], None]:
         c = conn()
 
-        def write(rows: list[tuple]) -> None:
+        def write(batch: Batch) -> None:
+            rows = tuples(batch)
             cols = [list(col) for col in zip(*rows, strict=True)]
             with c.transaction():
                 c.execute(f"INSERT INTO {table} SELECT * FROM unnest(%s::uuid[], %s::bigint[], "
@@ -308,10 +316,11 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
                           "ON CONFLICT (_log_id, _seq) DO NOTHING", cols)
         return write
 
-    def executemany(table: str) -> Callable[[list[tuple]], None]:
+    def executemany(table: str) -> Callable[[Batch], None]:
         c = conn()
 
-        def write(rows: list[tuple]) -> None:
+        def write(batch: Batch) -> None:
+            rows = tuples(batch)
             with c.transaction():
                 c.cursor().executemany(f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s) "
                                        "ON CONFLICT (_log_id, _seq) DO NOTHING", rows)
@@ -322,7 +331,7 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
     measure("COPY to staging + DELETE..RETURNING into INSERT ON CONFLICT", copy_move)
     measure("INSERT..SELECT FROM unnest(arrays) ON CONFLICT", unnest)
     measure("executemany INSERT ON CONFLICT (pipelined)", executemany)
-    measure("PostgreSQLSink.write (the above, plus converting the items)", sink_write(1))
+    measure("PostgreSQLSink.write (the same SQL, through the sink)", sink_write(1))
     measure("PostgreSQLSink.write, 4 writer threads, pool=1 (one connection)", sink_write(1),
             writers=4)
     measure("PostgreSQLSink.write, 4 writer threads, pool=4", sink_write(4), writers=4)
@@ -374,11 +383,11 @@ def main() -> None:
         return
     print(f"PostgreSQL {version}, fsync=on, synchronous_commit=on; {args.seconds:g} s per row; "
           f"every counted item is committed in PostgreSQL")
-    print(f"| {'writer':<78} | {'items/s':>9} | {'x per-item':>10} | {'drain s':>7} |")
-    print(f"|{'-' * 80}|{'-' * 10}:|{'-' * 11}:|{'-' * 8}:|")
+    print(f"| {'writer':<86} | {'items/s':>9} | {'x per-item':>10} | {'drain s':>7} |")
+    print(f"|{'-' * 88}|{'-' * 10}:|{'-' * 11}:|{'-' * 8}:|")
     for r in rows:
         drain = f"{r['drain_s']:.1f}" if "drain_s" in r else "—"
-        print(f"| {r['writer']:<78} | {r['items_per_s']:>9,.0f} | {r['x_per_item']:>9.1f}x | "
+        print(f"| {r['writer']:<86} | {r['items_per_s']:>9,.0f} | {r['x_per_item']:>9.1f}x | "
               f"{drain:>7} |")
     for r in rows:
         if r["other_cores"] is not None and r["other_cores"] >= BUSY_CORES:
@@ -391,10 +400,10 @@ def main() -> None:
         print()
         print(f"Write methods, {METHOD_BATCH}-row transactions with (_log_id, _seq) dedup, "
               f"{args.methods_seconds:g} s each:")
-        print(f"| {'method':<62} | {'rows/s':>9} |")
-        print(f"|{'-' * 64}|{'-' * 10}:|")
+        print(f"| {'method':<64} | {'rows/s':>9} |")
+        print(f"|{'-' * 66}|{'-' * 10}:|")
         for m in table:
-            print(f"| {m['method']:<62} | {m['rows_per_s']:>9,.0f} |")
+            print(f"| {m['method']:<64} | {m['rows_per_s']:>9,.0f} |")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_a_table_without_the_key_is_a_clear_transient_error(postgres, sinks, que
 
 
 def test_bad_items_are_refused_one_by_one_and_the_rest_commit(postgres, sinks, query, table):
-    query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, n int CHECK (n >= 0), "
+    query(f"CREATE TABLE {table} (_log_id text, _seq bigint, n int CHECK (n >= 0), "
           f"s text NOT NULL, u text UNIQUE, PRIMARY KEY (_log_id, _seq))")
     sink = sinks(postgres.url(table=table, columns="n,s,u"))
     items = [{"n": i, "s": "ok", "u": f"u{i}"} for i in range(40)]

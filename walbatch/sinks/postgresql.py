@@ -547,13 +547,12 @@ def from_url(url: str) -> PostgreSQLSink:
     if not pool.isdigit() or int(pool) < 1:
         raise ValueError(f"sink URL option pool={pool!r}: expected a positive integer")
     conninfo = urlunsplit(parts._replace(scheme="postgresql", query="&".join(libpq)))
+    psycopg = require("psycopg", "postgresql", "PostgreSQL")
     try:
-        return PostgreSQLSink(conninfo, table=ours.get("table", "items"),
-                              columns=ours.get("columns"), mode=ours.get("mode"),
-                              item_column=ours.get("item_column", "item"), rest=ours.get("rest"),
-                              create=create in _TRUE, pool=int(pool))
-    except ValueError as ex:
-        if "connection string" in str(ex):
-            raise ValueError(f"{ex} (walbatch's own options are {', '.join(OPTIONS)}; "
-                             "the others go to libpq)") from None
-        raise
+        psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error as ex:
+        raise ValueError(f"bad PostgreSQL URL: {str(ex).strip()} (walbatch's own options are "
+                         f"{', '.join(OPTIONS)}; the others go to libpq)") from None
+    return PostgreSQLSink(conninfo, table=ours.get("table", "items"), columns=ours.get("columns"),
+                          mode=ours.get("mode"), item_column=ours.get("item_column", "item"),
+                          rest=ours.get("rest"), create=create in _TRUE, pool=int(pool))
