@@ -29,6 +29,7 @@ import click
 from . import __version__
 from .durable import DurableBatcher
 from .errors import LogLocked, WalbatchError, format_seqs
+from .keys import Keyed
 from .log import Log
 from .options import Options
 
@@ -294,8 +295,10 @@ def _open_readonly(data_dir: str) -> Log:
                    "items are delivered by the next `walbatch serve` or `walbatch replay`.")
 @click.option("--batch", "batch_size", default=1000, show_default=True, type=click.IntRange(1),
               help="Items per submit request.")
+@click.option("--key", default=None,
+              help="Batching key for every item (keyed batching: batches never mix keys).")
 def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direct: bool,
-           batch_size: int) -> None:
+           batch_size: int, key: str | None) -> None:
     """Submit JSON items (arguments, or JSON lines on stdin) and print how many were acknowledged.
 
     A malformed line stops the command with its line number; the lines before it
@@ -305,6 +308,7 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
     Example:
         printf '{"user": 1}\n{"user": 2}\n' | walbatch submit
         walbatch submit '{"user": 3}' '"a string item"'
+        walbatch submit --key tenant-7 < events.jsonl
     """
     sources = enumerate(items, 1) if items else enumerate(sys.stdin, 1)
     label = "argument" if items else "line"
@@ -316,14 +320,14 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
             raise _fail(ex) from None
 
         def send(batch: list[Any]) -> int:
-            return len(target.submit_many(batch))
+            return len(target.submit_many(batch, key=key))
     else:
         from .client import Client
 
         target = Client(socket_path or os.path.join(data_dir, "walbatch.sock"), connect_timeout=2)
 
         def send(batch: list[Any]) -> int:
-            return len(target.submit_many(batch))
+            return len(target.submit_many(batch, key=key))
 
     error: str | None = None
     try:
@@ -643,7 +647,7 @@ def verify(data_dir: str, repair: bool, as_json: bool) -> None:
 def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool) -> None:
     """Print records as JSON lines {"seq": ..., "item": ...} for debugging.
 
-    Bytes values appear as {"$base64": ...}; seqs lost to quarantined damage
+    Keyed items carry "key". Bytes values appear as {"$base64": ...}; seqs lost to quarantined damage
     as {"seq": N, "lost": true}.
 
     \b
@@ -655,7 +659,12 @@ def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool)
         from_seq = max(from_seq or 1, log_.checkpoint.seq + 1)
     try:
         for seq, item, lost in log_.records(from_seq, to_seq):
-            click.echo(_dumps({"seq": seq, "lost": True} if lost else {"seq": seq, "item": item}))
+            if lost:
+                click.echo(_dumps({"seq": seq, "lost": True}))
+            elif isinstance(item, Keyed):
+                click.echo(_dumps({"seq": seq, "key": item.key, "item": item.item}))
+            else:
+                click.echo(_dumps({"seq": seq, "item": item}))
     except WalbatchError as ex:
         raise _fail(ex) from None
     finally:

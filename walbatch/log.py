@@ -198,9 +198,11 @@ class Log:
         locks = _Locks()
         try:
             if role in ("owner", "writer"):
+                # The grace covers `replay --follow` starting beside a writer: it holds
+                # LOCK for a moment to recover the log (trim a torn tail) before following.
                 locks.take(fs, os.path.join(directory, LOCK_FILE),
                            f"failed to lock {directory}: is another process (or another open "
-                           "DurableBatcher) writing to this directory?")
+                           "DurableBatcher) writing to this directory?", grace=_LOCK_GRACE)
             if role in ("owner", "flusher"):
                 locks.take(fs, os.path.join(directory, FLUSH_LOCK_FILE),
                            f"failed to lock {directory} for delivery: is another process "
@@ -863,6 +865,9 @@ def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
     return cp
 
 
+_LOCK_GRACE = 0.5  # seconds
+
+
 class _NoLock:
     def release(self) -> None:
         pass
@@ -874,11 +879,17 @@ class _Locks:
     def __init__(self) -> None:
         self.held: list[object] = []
 
-    def take(self, fs: FileSystem, path: str, message: str) -> None:
-        try:
-            self.held.append(fs.lock(path))
-        except BlockingIOError:
-            raise LogLocked(message) from None
+    def take(self, fs: FileSystem, path: str, message: str, grace: float = 0.0) -> None:
+        """Lock ``path``; wait up to ``grace`` seconds for a holder that is only passing by."""
+        end = time.monotonic() + grace
+        while True:
+            try:
+                self.held.append(fs.lock(path))
+                return
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    raise LogLocked(message) from None
+                time.sleep(0.02)
 
     def release(self) -> None:
         while self.held:
