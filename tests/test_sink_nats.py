@@ -360,7 +360,7 @@ def test_subject_template_routes_and_refuses_what_it_cannot_route(server, stream
 
 
 def test_server_down_at_open_and_later_only_delays_delivery(own_server, tmp_path):
-    url = f"{own_server.url}?stream=DOWN&subject=down.in&create=1&reconnect_wait=50ms&timeout=2s"
+    url = f"{own_server.url}?stream=DOWN&subject=down.in&create=1&timeout=2s"
     with DurableBatcher(tmp_path / "log", url, **RETRY) as b:
         # NATS is not running yet: the first connect fails, the items wait in the log.
         b.submit_many([{"id": f"a{k}"} for k in range(50)])

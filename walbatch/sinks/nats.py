@@ -10,11 +10,17 @@ message whose id it has seen within the stream's ``duplicate_window``, which tur
 walbatch's at-least-once redelivery (a retried batch, a replay after a crash) into
 effectively-once in the stream, as long as the redelivery comes within the window.
 
-Ownership: the sink owns one asyncio event loop, run by a private daemon thread. Every
-nats-py object (the connection, the ack subscription, the per-batch ack tables) lives on
-that loop and is touched only there. ``write`` may be called from several threads at once
-(``flush_concurrency > 1``): it encodes the items in the calling thread, then hands the
-batch to the loop with ``run_coroutine_threadsafe`` and waits for the acks.
+The sink speaks the publisher's subset of the NATS client protocol itself (``_Conn``:
+CONNECT, SUB, HPUB, PING/PONG, MSG/HMSG) rather than through nats-py, whose per-message
+reply handling was the bottleneck; see ``_Conn`` and benchmarks/bench_nats.py. So it
+needs no third-party package.
+
+Ownership: the sink owns one asyncio event loop, run by a private daemon thread. The
+connection, the per-batch ack tables and the API requests live on that loop and are
+touched only there. ``write`` may be called from several threads at once
+(``flush_concurrency > 1``): it encodes the items and builds the whole batch's protocol
+bytes in the calling thread, then hands them to the loop with
+``run_coroutine_threadsafe`` and waits for the acks.
 
 Invariant: a record counts as delivered only after JetStream answered its publish with a
 PubAck (a stored or a duplicate message). No ack, for whatever reason, means "retry".
@@ -27,11 +33,15 @@ import base64
 import concurrent.futures
 import itertools
 import json
+import json.encoder
 import logging
+import random
 import re
 import ssl
 import string
 import threading
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,16 +51,12 @@ import msgpack
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from .base import Outcomes, require
+from .base import Outcomes
 
 log = logging.getLogger("walbatch")
 
 DEFAULT_PORT = 4222
-MSG_ID = "Nats-Msg-Id"
-# Size of the header block nats-py sends for one Nats-Msg-Id header, without the id:
-# "NATS/1.0\r\n" + "Nats-Msg-Id: " + id + "\r\n" + "\r\n". The server counts headers
-# against max_payload and max_msg_size, so the local size check must too.
-_HEADER_OVERHEAD = 10 + len(MSG_ID) + 2 + 2 + 2
+_MAX_CONTROL_LINE = 1 << 16  # the server's default is 4 KiB; an INFO can grow with a cluster
 _NAME_RE = re.compile(r"^[^\s.*>/\\]+$")
 _TOKEN_RE = re.compile(r"^[^\s.*>]+$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
@@ -71,7 +77,6 @@ class NATSOptions:
     encoding: str = "json"
     timeout: float = 5.0            # seconds to wait for a batch's acks after its last publish
     connect_timeout: float = 5.0    # seconds for one (re)connect attempt, all servers included
-    reconnect_wait: float = 0.5     # nats-py's pause between attempts on the same server
     horizon: float = 600.0          # the longest redelivery delay the stream must recognise
     create: bool = False
     dup_window: float | None = None  # for ?create=1; None: the horizon
@@ -80,7 +85,6 @@ class NATSOptions:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
-    creds: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -92,9 +96,9 @@ class NATSOptions:
             self.tls_ca or self.tls_cert)
 
 
-_QUERY_KEYS = {"stream", "subject", "encoding", "timeout", "connect_timeout", "reconnect_wait",
-               "horizon", "create", "dup_window", "replicas", "storage", "user", "password",
-               "token", "creds", "tls_ca", "tls_cert", "tls_key", "name"}
+_QUERY_KEYS = {"stream", "subject", "encoding", "timeout", "connect_timeout", "horizon", "create",
+               "dup_window", "replicas", "storage", "user", "password", "token", "tls_ca",
+               "tls_cert", "tls_key", "name"}
 
 
 def parse_duration(text: str, what: str) -> float:
@@ -218,10 +222,10 @@ def parse_url(url: str) -> NATSOptions:
     return NATSOptions(
         servers=servers, stream=stream, subject=subject, encoding=encoding,
         timeout=duration("timeout", 5.0), connect_timeout=duration("connect_timeout", 5.0),
-        reconnect_wait=duration("reconnect_wait", 0.5), horizon=horizon,
+        horizon=horizon,
         create=_parse_bool(q.get("create", "0"), "create"), dup_window=dup_window,
         replicas=replicas, storage=storage, user=user, password=password, token=token,
-        creds=q.get("creds"), tls_ca=q.get("tls_ca"), tls_cert=q.get("tls_cert"),
+        tls_ca=q.get("tls_ca"), tls_cert=q.get("tls_cert"),
         tls_key=q.get("tls_key"), name=q.get("name", "walbatch"))
 
 
@@ -307,14 +311,25 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-# One encoder for every call: json.dumps builds a new JSONEncoder whenever it gets options.
-# Strict JSON: NaN and Infinity are refused (other languages' parsers reject them).
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                         default=_json_default)
+def _json_encoder() -> Callable[[Any], bytes]:
+    """Strict, compact JSON to UTF-8 bytes; NaN and Infinity refused (other parsers reject them).
+
+    JSONEncoder.encode builds a new C encoder on every call; building it once saves about
+    40% per item, which shows at 100k items/s. Items come from msgpack, so they cannot be
+    circular and the cycle check (markers=None) is not needed: a self-referencing value
+    handed to write() directly ends in RecursionError, refused like any unencodable item.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                                default=_json_default)
+        return lambda item: slow.encode(item).encode("utf-8")
+    chunks = make(None, _json_default, json.encoder.encode_basestring, None, ":", ",",
+                  False, False, False)
+    return lambda item: "".join(chunks(item, 0)).encode("utf-8")
 
 
-def encode_json(item: Any) -> bytes:
-    return _JSON.encode(item).encode("utf-8")
+encode_json = _json_encoder()
 
 
 def encode_msgpack(item: Any) -> bytes:
@@ -333,27 +348,237 @@ ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "json": encode_json, "msgpack": encode_msgpack, "raw": encode_raw}
 
 
+# ------------------------------------------------------------- protocol
+
+
+class _Conn:
+    """One connection speaking the publisher's subset of the NATS client protocol.
+
+    Why not nats-py: its reader matches a regex and deletes the front of a bytearray per
+    message, then builds a Msg and queues it to a task per subscription; with one PubAck
+    per published message that capped the whole sink near 56k messages/s on our 2-core
+    VM, below what walbatch can feed it (benchmarks/bench_nats.py measures both). This
+    class writes a batch as one buffer and parses acks with bytes.find.
+
+    Lives on the sink's loop. Writes CONNECT, PING, PONG, SUB, PUB and HPUB; reads MSG and
+    HMSG (everything arrives on the sink's inbox), PING, PONG, +OK, -ERR and INFO.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 info: dict[str, Any], server: str, inbox: str, pending: dict[bytes, _Acks],
+                 on_msg: Callable[[bytes, bytes | None, bytes], None],
+                 on_lost: Callable[[_Conn, str], None]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.info = info
+        self.server = server
+        self.max_payload = int(info.get("max_payload") or 1 << 20)
+        self.closed = False
+        self.error: str | None = None  # the server's last -ERR
+        # The hot path: a PubAck is "MSG <inbox>.<batch key>.<index> <sid> <size>" and goes
+        # straight into its batch's table (one C regex match instead of splitting the line,
+        # a quarter of the reply-handling time). Anything else takes the general path.
+        self._ack_line = re.compile(rb"MSG " + re.escape(inbox.encode()) +
+                                    rb"\.(\d+)\.(\d+) \d+ (\d+)\r\n").match
+        self._pending = pending
+        self._on_msg = on_msg
+        self._on_lost = on_lost
+        self._pongs: deque[asyncio.Future[None]] = deque()
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionError("the connection is closed")
+        self.writer.write(data)
+
+    async def ping(self, timeout: float) -> bool:
+        """True when the server answers a PING within ``timeout``: the connection is alive."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(fut)
+        try:
+            self.send(b"PING\r\n")
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except (TimeoutError, ConnectionError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()  # sends what is buffered, then closes
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _read_loop(self) -> None:
+        reason = "the server closed the connection"
+        buf = b""
+        try:
+            while True:
+                data = await self.reader.read(1 << 16)
+                if not data:
+                    break
+                buf = buf + data if buf else data
+                buf = buf[self._parse(buf):]
+        except asyncio.CancelledError:
+            reason = "closed"
+        except (OSError, ValueError) as ex:  # ValueError: a malformed protocol line
+            reason = f"{type(ex).__name__}: {ex}"
+        finally:
+            if self.error and reason != "closed":
+                reason = f"{reason} (the server said: {self.error})"
+            self.closed = True
+            self.writer.close()
+            for fut in self._pongs:
+                if not fut.done():
+                    fut.cancel()
+            self._on_lost(self, reason)
+
+    def _parse(self, buf: bytes) -> int:
+        """Handle every complete protocol message in ``buf``; return the bytes consumed."""
+        pos, end, on_msg = 0, len(buf), self._on_msg
+        ack_line, pending = self._ack_line, self._pending
+        while pos < end:
+            m = ack_line(buf, pos)
+            if m is not None:
+                start = m.end()
+                stop = start + int(m[3])
+                if stop + 2 > end:
+                    return pos
+                acks = pending.get(m[1])
+                if acks is not None:  # else a late ack of a batch that gave up; its retry is deduplicated
+                    acks.add(int(m[2]), buf, start, stop)
+                pos = stop + 2
+                continue
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                if end - pos > _MAX_CONTROL_LINE:
+                    raise ValueError(f"protocol line longer than {_MAX_CONTROL_LINE} bytes")
+                return pos
+            op = buf[pos:pos + 4]
+            if op == b"MSG ":  # MSG <subject> <sid> [reply] <size>
+                args = buf[pos + 4:eol].split()
+                start = eol + 2
+                stop = start + int(args[-1])
+                if stop + 2 > end:
+                    return pos
+                on_msg(args[0], None, buf[start:stop])
+                pos = stop + 2
+            elif op == b"HMSG":  # HMSG <subject> <sid> [reply] <header size> <total size>
+                args = buf[pos + 5:eol].split()
+                start = eol + 2
+                split, stop = start + int(args[-2]), start + int(args[-1])
+                if stop + 2 > end:
+                    return pos
+                on_msg(args[0], buf[start:split], buf[split:stop])
+                pos = stop + 2
+            else:
+                if op == b"PING":
+                    self.writer.write(b"PONG\r\n")
+                elif op == b"PONG":
+                    while self._pongs:
+                        fut = self._pongs.popleft()
+                        if not fut.done():
+                            fut.set_result(None)
+                            break
+                elif op == b"-ERR":
+                    self.error = buf[pos + 4:eol].strip(b" '").decode("utf-8", "replace")
+                    log.warning("walbatch: NATS server %s: %s", self.server, self.error)
+                # +OK, INFO (cluster changes, lame duck mode): nothing to do for a publisher.
+                pos = eol + 2
+        return pos
+
+
+async def _open(server: str, o: NATSOptions, tls: ssl.SSLContext | None, inbox: str,
+                timeout: float, pending: dict[bytes, _Acks],
+                on_msg: Callable[[bytes, bytes | None, bytes], None],
+                on_lost: Callable[[_Conn, str], None]) -> _Conn:
+    """Connect, upgrade to TLS if asked, authenticate, subscribe to the inbox."""
+    scheme, _, hostport = server.partition("://")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, int(port), limit=1 << 20), timeout)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line.startswith(b"INFO "):
+            raise ConnectionError(f"not a NATS server (it said {line[:60]!r})")
+        info = json.loads(line[5:])
+        if tls is None and info.get("tls_required"):
+            tls = ssl.create_default_context()  # as other NATS clients do for nats://
+        if tls is not None:
+            await asyncio.wait_for(writer.start_tls(tls, server_hostname=host), timeout)
+        if not info.get("headers"):
+            raise ConnectionError("the server does not support message headers (NATS 2.2+ needed)")
+        connect: dict[str, Any] = {
+            "verbose": False, "pedantic": False, "tls_required": tls is not None,
+            "name": o.name, "lang": "python-walbatch", "version": "1", "protocol": 1,
+            "headers": True, "no_responders": True}
+        if o.user is not None:
+            connect.update(user=o.user, **{"pass": o.password})
+        if o.token is not None:
+            connect["auth_token"] = o.token
+        writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+        await asyncio.wait_for(writer.drain(), timeout)
+        while True:  # the answer is PONG, or -ERR (bad credentials...) and a close
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise ConnectionError("the server closed the connection after CONNECT")
+            if line.startswith(b"PONG"):
+                break
+            if line.startswith(b"-ERR"):
+                raise ConnectionError("the server refused the connection: "
+                                      + line[4:].strip(b" '\r\n").decode("utf-8", "replace"))
+            if line.startswith(b"PING"):
+                writer.write(b"PONG\r\n")
+        writer.write(f"SUB {inbox}.> 1\r\n".encode())
+    except BaseException:
+        writer.close()
+        raise
+    return _Conn(reader, writer, info, server, inbox, pending, on_msg, on_lost)
+
+
 # ------------------------------------------------------------------ acks
 
 
+_OK = object()  # a PubAck without an error: stored, or a duplicate the window dropped
+
+
 class _Acks:
-    """The acks one batch is waiting for, indexed by the record's position in the batch."""
+    """The replies one batch is waiting for, indexed by the record's position in the batch."""
 
-    __slots__ = ("msgs", "left", "sending", "done", "lost")
+    __slots__ = ("replies", "left", "ok", "sending", "done", "lost")
 
-    def __init__(self, n: int, done: asyncio.Future[None]) -> None:
-        self.msgs: list[Any] = [None] * n
-        self.left = 0          # published and not yet acked
-        self.sending = True    # acks arrive while later messages are still being published
+    def __init__(self, n: int, left: int, done: asyncio.Future[None]) -> None:
+        # None: no reply yet; _OK; the payload of an error reply (MSG); (header, payload) (HMSG)
+        self.replies: list[Any] = [None] * n
+        self.left = left       # published and not yet answered
+        self.ok = 0            # _OK replies: when all are, write() need not look at each
+        self.sending = True    # replies arrive while the batch is still being written
         self.done = done
-        self.lost: str | None = None  # why the missing acks will never come
+        self.lost: str | None = None  # why the missing replies will never come
 
-    def add(self, i: int, msg: Any) -> None:
-        if self.msgs[i] is None:
-            self.msgs[i] = msg
-            self.left -= 1
-            if self.left <= 0 and not self.sending and not self.done.done():
-                self.done.set_result(None)
+    def add(self, i: int, buf: bytes, start: int, stop: int) -> None:
+        """A MSG reply, ``buf[start:stop]``, for message ``i``."""
+        if i < len(self.replies) and self.replies[i] is None:
+            # A PubAck is {"stream":...,"seq":...[,"duplicate":true]} and stream names
+            # cannot hold quotes, so looking for "error" is exact; it spares a JSON parse
+            # (and a copy) per message.
+            if buf.find(b'"error"', start, stop) < 0 and stop > start:
+                self.replies[i] = _OK
+                self.ok += 1
+            else:
+                self.replies[i] = buf[start:stop]
+            self._answered()
+
+    def add_with_header(self, i: int, header: bytes, payload: bytes) -> None:
+        if i < len(self.replies) and self.replies[i] is None:
+            self.replies[i] = (header, payload)
+            self._answered()
+
+    def _answered(self) -> None:
+        self.left -= 1
+        if self.left <= 0 and not self.sending and not self.done.done():
+            self.done.set_result(None)
 
     def sent_all(self) -> None:
         self.sending = False
@@ -367,19 +592,27 @@ class _Acks:
             self.done.set_result(None)
 
 
-def _ack_outcome(msg: Any, stream: str) -> BaseException | None:
+def _status(header: bytes | None) -> str:
+    """``NATS/1.0 503\\r\\n...`` -> ``503``; '' when there is no status."""
+    if not header:
+        return ""
+    first = header.split(b"\r\n", 1)[0].split()
+    return first[1].decode("ascii", "replace") if len(first) > 1 else ""
+
+
+def _ack_outcome(reply: Any, stream: str) -> BaseException | None:
     """None for a PubAck (stored, or a duplicate the window dropped); else the error."""
-    data = msg.data
-    # A PubAck is {"stream":...,"seq":...[,"duplicate":true]}; stream names cannot hold
-    # quotes, so the substring test is exact and spares a JSON parse per message.
-    if data and b'"error"' not in data:
+    if reply is _OK:
         return None
+    if type(reply) is bytes:
+        header, data = None, reply
+    else:
+        header, data = reply
     if not data:
-        status = (msg.headers or {}).get("Status")
-        if status == "503":
-            return SinkError(f"no responders for the publish: stream {stream!r} has no leader "
-                             "right now, or JetStream is not available")
-        return SinkError(f"empty reply from JetStream (status {status})")
+        if _status(header) == "503":
+            return SinkError(f"no responders: stream {stream!r} has no leader right now (a "
+                             "cluster electing one), or JetStream is not available")
+        return SinkError(f"empty reply from JetStream (status {_status(header) or 'none'})")
     try:
         err = json.loads(data)["error"]
         code, err_code, desc = err.get("code"), err.get("err_code"), err.get("description")
@@ -404,22 +637,25 @@ class NATSSink:
         self.options = options
         self._template = SubjectTemplate(options.subject)
         self._encode = ENCODERS[options.encoding]
-        self._nats = require("nats", "nats", "NATS")
-        require("nats.js", "nats", "NATS")
-        self._ssl = self._ssl_context() if options.tls else None
-        # Loop-owned state (see the module docstring).
-        self._nc: Any = None
+        self._tls = self._ssl_context() if options.tls else None
+        # Fixed for the sink's life, so write() can build reply subjects in its own thread
+        # whatever connection the batch then goes out on.
+        self._inbox = f"_INBOX.{uuid.uuid4().hex}"
+        self._inbox_len = len(self._inbox) + 1
+        self._batch_keys = itertools.count()   # next() is atomic under the GIL
+        # Loop-owned state (see the module docstring). write() reads _ready, _filters
+        # and _max_size without a lock: a stale value costs at most one server-side refusal.
+        self._conn: _Conn | None = None
         self._ready = False                 # stream looked up on the current connection
         self._lock: asyncio.Lock | None = None
-        self._pending: dict[str, _Acks] = {}
-        self._inbox = ""
+        self._pending: dict[bytes, _Acks] = {}
+        self._requests: dict[int, asyncio.Future[tuple[bytes | None, bytes]]] = {}
+        self._request_ids = itertools.count()
         self._filters: list[str] = []
         self._max_size = -1                 # bytes incl. headers a message may have; -1: no limit
         self._bound: dict[str, bool] = {}
         self._warned_window = False
-        self._last_connect_error: BaseException | None = None
-        self._error_logged = False
-        self._batch_ids = itertools.count()
+        self._down_logged = False
         # Thread-side state.
         self._closed = False
         self._close_lock = threading.Lock()
@@ -441,36 +677,71 @@ class NATSSink:
         """
         if self._closed:
             raise SinkError("the NATS sink is closed")
+        if not self._ready:
+            self._call(self._ensure_ready())  # the stream's limits, for the checks below
         n = len(batch)
         outcomes: list[BaseException | None] = [None] * n
-        todo: list[tuple[int, str, bytes, str]] = []
-        prefix = batch.log_id + ":"
-        encode, template = self._encode, self._template
+        parts: list[bytes] = []
+        sent: list[int] = []
+        reply = f"{self._inbox}.{next(self._batch_keys)}.".encode()
+        id_prefix = (batch.log_id + ":").encode()
+        encode, template, is_bound, max_size = (
+            self._encode, self._template, self._is_bound, self._max_size)
+        literal = template.literal.encode() if template.literal is not None else None
         for i, rec in enumerate(batch):
             try:
-                todo.append((i, template.render(rec.item), encode(rec.item), prefix + str(rec.seq)))
-            except (TypeError, ValueError, OverflowError) as ex:
+                payload = encode(rec.item)
+                if literal is not None:
+                    subject = literal
+                else:
+                    subject_str = template.render(rec.item)
+                    subject = subject_str.encode()
+            except (TypeError, ValueError, OverflowError, RecursionError) as ex:
                 outcomes[i] = PermanentSinkError(
                     f"seq {rec.seq}: cannot publish as {self.options.encoding}: {ex}")
-        if todo:
-            fut = asyncio.run_coroutine_threadsafe(self._publish(todo, outcomes), self._loop)
-            bound = self.options.connect_timeout + 2 * self.options.timeout + 30.0
-            try:
-                fut.result(bound)
-            except concurrent.futures.TimeoutError:
-                fut.cancel()
-                raise SinkError(f"publishing to NATS did not finish in {bound:.0f}s") from None
+                continue
+            if literal is None and not is_bound(subject_str):
+                outcomes[i] = PermanentSinkError(
+                    f"subject {subject_str!r} is not bound to stream {self.options.stream!r} "
+                    f"(its subjects: {', '.join(self._filters)})")
+                continue
+            header = b"NATS/1.0\r\nNats-Msg-Id: %s%d\r\n\r\n" % (id_prefix, rec.seq)
+            size = len(header) + len(payload)
+            if 0 <= max_size < size:
+                outcomes[i] = PermanentSinkError(
+                    f"seq {rec.seq}: message of {size} bytes (with headers) exceeds the limit of "
+                    f"{max_size} bytes (stream {self.options.stream!r} max_msg_size / server "
+                    "max_payload)")
+                continue
+            parts.append(b"HPUB %s %s%d %d %d\r\n" % (subject, reply, i, len(header), size))
+            parts.append(header)
+            parts.append(payload)
+            parts.append(b"\r\n")
+            sent.append(i)
+        if sent:
+            acks = self._call(self._send(reply.split(b".")[-2], b"".join(parts), n, len(sent)))
+            if acks.ok == len(sent) and len(sent) == n:
+                return None  # the common case: every message stored (or a known duplicate)
+            stream = self.options.stream
+            lost: BaseException | None = None
+            for i in sent:
+                r = acks.replies[i]
+                if r is None:
+                    if lost is None:
+                        lost = SinkError(f"not acknowledged: {acks.lost or 'no reply'}")
+                    outcomes[i] = lost
+                else:
+                    outcomes[i] = _ack_outcome(r, stream)
         failed = [o for o in outcomes if o is not None]
         if not failed:
             return None
         if len(failed) == n and all(isinstance(o, SinkError) and o.retryable for o in failed):
             first = failed[0]
-            raise SinkError(f"{n} of {n} messages not acknowledged by JetStream: {first}",
-                            retry_after=getattr(first, "retry_after", None)) from first
+            raise SinkError(f"{n} of {n} messages not acknowledged by JetStream: {first}") from first
         return outcomes
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush and close the connection, stop the loop thread. Idempotent."""
+        """Close the connection and stop the loop thread. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
@@ -478,11 +749,21 @@ class NATSSink:
         if not self._thread.is_alive():
             return
         try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop).result(timeout + 1)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
         except Exception as ex:
             log.warning("walbatch: closing the NATS connection failed: %s", ex)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+
+    def _call(self, coro: Any) -> Any:
+        """Run a coroutine on the sink's loop and wait for it, with a bound against bugs."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        bound = self.options.connect_timeout + 3 * self.options.timeout + 30.0
+        try:
+            return fut.result(bound)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise SinkError(f"the NATS sink did not finish in {bound:.0f}s") from None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -503,61 +784,6 @@ class NATSSink:
             ctx.load_cert_chain(o.tls_cert, o.tls_key)
         return ctx
 
-    # -------------------------------------------------------------- loop side
-
-    async def _publish(self, todo: list[tuple[int, str, bytes, str]],
-                       outcomes: list[BaseException | None]) -> None:
-        await self._ensure_ready()
-        nc = self._nc
-        if not nc.is_connected:
-            # Going down (closed_cb not run yet): next attempt starts a fresh connection.
-            self._ready = False
-            raise SinkError("the connection to NATS was lost; the next attempt reconnects")
-        key = str(next(self._batch_ids))
-        acks = _Acks(len(outcomes), asyncio.get_running_loop().create_future())
-        reply = f"{self._inbox}.{key}."
-        stream, max_size, bound = self.options.stream, self._max_size, self._is_bound
-        sent: list[int] = []
-        self._pending[key] = acks
-        try:
-            for i, subject, payload, msg_id in todo:
-                if not bound(subject):
-                    outcomes[i] = PermanentSinkError(
-                        f"subject {subject!r} is not bound to stream {stream!r} (its subjects: "
-                        f"{', '.join(self._filters)})")
-                    continue
-                size = len(payload) + len(msg_id) + _HEADER_OVERHEAD
-                if max_size >= 0 and size > max_size:
-                    outcomes[i] = PermanentSinkError(
-                        f"message of {size} bytes (with headers) exceeds the limit of {max_size} "
-                        f"bytes (stream {stream!r} max_msg_size / server max_payload)")
-                    continue
-                acks.left += 1
-                sent.append(i)
-                try:
-                    await nc.publish(subject, payload, reply=reply + str(i),
-                                     headers={MSG_ID: msg_id})
-                except Exception as ex:  # closed, buffer full while reconnecting, ...
-                    acks.give_up(f"publish failed: {type(ex).__name__}: {ex}")
-                    break
-            acks.sent_all()
-            if not acks.done.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(acks.done), self.options.timeout)
-                except TimeoutError:
-                    acks.give_up(f"no ack within {self.options.timeout:g}s")
-        finally:
-            del self._pending[key]
-        lost: BaseException | None = None
-        for i in sent:
-            msg = acks.msgs[i]
-            if msg is None:
-                if lost is None:
-                    lost = SinkError(acks.lost or "no ack")
-                outcomes[i] = lost
-            else:
-                outcomes[i] = _ack_outcome(msg, stream)
-
     def _is_bound(self, subject: str) -> bool:
         known = self._bound.get(subject)
         if known is None:
@@ -567,113 +793,146 @@ class NATSSink:
             self._bound[subject] = known
         return known
 
+    # -------------------------------------------------------------- loop side
+
+    async def _send(self, key: bytes, data: bytes, n: int, count: int) -> _Acks:
+        """Write one batch's HPUBs at once, then wait for all the PubAcks (or give up)."""
+        await self._ensure_ready()
+        conn = self._conn
+        assert conn is not None
+        acks = _Acks(n, count, asyncio.get_running_loop().create_future())
+        self._pending[key] = acks
+        try:
+            try:
+                conn.send(data)
+                await conn.writer.drain()  # back-pressure: a slow server slows us down
+            except (ConnectionError, OSError, RuntimeError) as ex:
+                acks.give_up(f"the connection failed while publishing: {ex}")
+            acks.sent_all()
+            if not acks.done.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(acks.done), self.options.timeout)
+                except TimeoutError:
+                    acks.give_up(f"no ack within {self.options.timeout:g}s")
+                    # A server that vanished without closing the socket (a host gone, a
+                    # partition) answers no PING either: drop it so the retry reconnects.
+                    if not conn.closed and not await conn.ping(min(2.0, self.options.timeout)):
+                        self._lost(conn, "no PONG after an ack timeout")
+                        await conn.close()
+        finally:
+            del self._pending[key]
+        return acks
+
     async def _ensure_ready(self) -> None:
-        if self._ready and self._nc is not None and self._nc.is_connected:
+        if self._ready and self._conn is not None and not self._conn.closed:
             return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._nc is None or not self._nc.is_connected:
-                if self._nc is not None and not self._nc.is_closed:
-                    try:
-                        await self._nc.close()
-                    except Exception:
-                        pass
+            if self._conn is None or self._conn.closed:
                 self._ready = False
-                await self._connect()
+                self._conn = await self._connect()
             if not self._ready:
-                await self._load_stream()
+                await self._load_stream(self._conn)
                 self._ready = True
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> _Conn:
+        """One pass over the servers (in random order, to spread many hosts over a cluster)."""
         o = self.options
-        nc = self._nats.aio.client.Client()
-        self._last_connect_error = None
-        kwargs: dict[str, Any] = dict(
-            servers=o.servers, name=o.name, connect_timeout=min(o.connect_timeout, 2.0),
-            # One pass over the servers per write attempt (each tried twice, reconnect_wait
-            # apart), then fail: the flusher's backoff paces further attempts while the log
-            # holds the items. A connection that drops is not revived by nats-py either; the
-            # next write makes a new one. So a write never publishes into a half-dead
-            # connection's buffer, and every new connection looks the stream up again.
-            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=o.reconnect_wait,
-            **self._callbacks(nc),
-            # Our subjects are validated when the URL is parsed (and per item for templates).
-            skip_subject_validation=True)
-        if o.user is not None:
-            kwargs.update(user=o.user, password=o.password)
-        if o.token is not None:
-            kwargs["token"] = o.token
-        if o.creds is not None:
-            kwargs["user_credentials"] = o.creds
-        if self._ssl is not None:
-            kwargs["tls"] = self._ssl
-        try:
-            await asyncio.wait_for(nc.connect(**kwargs), o.connect_timeout)
-        except BaseException as ex:
-            cause = self._last_connect_error or ex
+        servers = random.sample(o.servers, len(o.servers))
+        deadline = asyncio.get_running_loop().time() + o.connect_timeout
+        errors = []
+        for server in servers:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                errors.append(f"{server}: no time left (connect_timeout={o.connect_timeout:g}s)")
+                continue
             try:
-                await nc.close()
-            except Exception:
-                pass
-            if isinstance(ex, asyncio.CancelledError):
-                raise
-            raise SinkError(f"cannot connect to NATS at {', '.join(o.servers)}: "
-                            f"{type(cause).__name__}: {cause}") from None
-        self._nc = nc
-        self._error_logged = False
-        self._inbox = nc.new_inbox()
-        await nc.subscribe(self._inbox + ".>", cb=self._on_ack,
-                           pending_msgs_limit=-1, pending_bytes_limit=-1)
+                conn = await _open(server, o, self._tls, self._inbox, min(left, 2.0),
+                                   self._pending, self._on_msg, self._lost)
+            except (OSError, ConnectionError, TimeoutError, ValueError, ssl.SSLError) as ex:
+                errors.append(f"{server}: {type(ex).__name__}: {ex}")
+                continue
+            if self._down_logged:
+                log.warning("walbatch: connected to NATS at %s again", server)
+            self._down_logged = False
+            return conn
+        raise SinkError("cannot connect to NATS: " + "; ".join(errors))
 
-    async def _load_stream(self) -> None:
-        o = self.options
-        nats = self._nats
-        js = self._nc.jetstream(timeout=o.timeout)
+    async def _request(self, conn: _Conn, subject: str, payload: bytes) -> tuple[bytes | None, bytes]:
+        """A JetStream API request on our inbox; the reply as (header, payload)."""
+        n = next(self._request_ids)
+        fut: asyncio.Future[tuple[bytes | None, bytes]] = asyncio.get_running_loop().create_future()
+        self._requests[n] = fut
         try:
-            try:
-                info = await js.stream_info(o.stream)
-            except nats.js.errors.NotFoundError:
-                if not o.create:
-                    raise SinkError(
-                        f"JetStream stream {o.stream!r} does not exist; create it (subjects "
-                        f"{self._template.filter!r}, see docs/sinks/nats.md) or add ?create=1 "
-                        "to the sink URL") from None
-                info = await self._create_stream(js)
-        except SinkError:
-            raise
-        except Exception as ex:
+            conn.send(b"PUB %s %s.r.%d %d\r\n%s\r\n" % (
+                subject.encode(), self._inbox.encode(), n, len(payload), payload))
+            return await asyncio.wait_for(fut, self.options.timeout)
+        except TimeoutError:
+            raise SinkError(f"no answer from JetStream to {subject} within "
+                            f"{self.options.timeout:g}s") from None
+        except ConnectionError as ex:
+            raise SinkError(f"{subject}: {ex}") from None
+        finally:
+            self._requests.pop(n, None)
+
+    async def _api(self, conn: _Conn, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        header, data = await self._request(conn, subject, json.dumps(body).encode() if body else b"")
+        if not data and _status(header) == "503":
+            raise SinkError(f"JetStream is not available at {conn.server} (no responders to "
+                            f"{subject}): is the server running with JetStream (-js)?")
+        try:
+            resp = json.loads(data)
+        except ValueError:
+            raise SinkError(f"unreadable JetStream reply to {subject}: {data[:200]!r}") from None
+        return resp
+
+    async def _load_stream(self, conn: _Conn) -> None:
+        o = self.options
+        resp = await self._api(conn, f"$JS.API.STREAM.INFO.{o.stream}")
+        err = resp.get("error")
+        if err and err.get("code") == 404:
+            if not o.create:
+                raise SinkError(
+                    f"JetStream stream {o.stream!r} does not exist; create it (subjects "
+                    f"{self._template.filter!r}, see docs/sinks/nats.md) or add ?create=1 to "
+                    "the sink URL")
+            resp = await self._create_stream(conn)
+            err = resp.get("error")
+        if err:
             raise SinkError(f"cannot look up JetStream stream {o.stream!r}: "
-                            f"{type(ex).__name__}: {ex}") from None
-        cfg = info.config
-        self._filters = list(cfg.subjects or [])
+                            f"{err.get('description')} (code {err.get('code')})")
+        cfg = resp.get("config") or {}
+        self._filters = list(cfg.get("subjects") or [])
         self._bound.clear()
-        limits = [s for s in (self._nc.max_payload, cfg.max_msg_size) if s is not None and s >= 0]
+        limits = [s for s in (conn.max_payload, cfg.get("max_msg_size", -1)) if s is not None and s >= 0]
         self._max_size = min(limits) if limits else -1
         if self._template.literal is not None and not self._is_bound(self._template.literal):
             log.error("walbatch: subject %r is not bound to JetStream stream %r (subjects: %s); "
                       "every item will be dead-lettered", self._template.literal, o.stream,
                       ", ".join(self._filters) or "none")
-        self._check_window(cfg.duplicate_window or 0.0)
+        self._check_window((cfg.get("duplicate_window") or 0) / 1e9)
 
-    async def _create_stream(self, js: Any) -> Any:
+    async def _create_stream(self, conn: _Conn) -> dict[str, Any]:
         o = self.options
-        api = self._nats.js.api
-        config = api.StreamConfig(
-            name=o.stream, subjects=[self._template.filter],
-            storage=api.StorageType.FILE if o.storage == "file" else api.StorageType.MEMORY,
-            num_replicas=o.replicas,
-            duplicate_window=o.dup_window if o.dup_window is not None else o.horizon)
-        try:
-            info = await js.add_stream(config)
-        except self._nats.js.errors.BadRequestError:
-            # Another walbatch host created it first (same name, maybe another config):
-            # use what is there; the window check below still applies.
-            return await js.stream_info(o.stream)
-        log.info("walbatch: created JetStream stream %r (subjects %r, %s, R%d, duplicate "
-                 "window %ss)", o.stream, self._template.filter, o.storage, o.replicas,
-                 f"{config.duplicate_window:g}")
-        return info
+        window = o.dup_window if o.dup_window is not None else o.horizon
+        config = {"name": o.stream, "subjects": [self._template.filter], "retention": "limits",
+                  "storage": o.storage, "num_replicas": o.replicas, "discard": "old",
+                  "max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msg_size": -1,
+                  "max_consumers": -1, "duplicate_window": int(window * 1e9)}
+        resp = await self._api(conn, f"$JS.API.STREAM.CREATE.{o.stream}", config)
+        err = resp.get("error")
+        if err:
+            # Another walbatch host may have created it first: use what is there (the
+            # window check still applies). Anything else is worth a retry and a log line.
+            info = await self._api(conn, f"$JS.API.STREAM.INFO.{o.stream}")
+            if not info.get("error"):
+                return info
+            raise SinkError(f"cannot create JetStream stream {o.stream!r}: "
+                            f"{err.get('description')} (code {err.get('code')})")
+        log.info("walbatch: created JetStream stream %r (subjects %r, %s, R%d, duplicate window %s)",
+                 o.stream, self._template.filter, o.storage, o.replicas, _fmt_duration(window))
+        return resp
 
     def _check_window(self, window: float) -> None:
         horizon = self.options.horizon
@@ -689,55 +948,49 @@ class NATSSink:
             self.options.stream, _fmt_duration(window), _fmt_duration(horizon),
             self.options.stream, _fmt_duration(horizon))
 
-    async def _on_ack(self, msg: Any) -> None:
-        # Reply subject: <inbox>.<batch key>.<index in batch>
-        key, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
-        acks = self._pending.get(key)
-        if acks is not None:  # else a late ack for a batch that gave up; its retry is deduplicated
-            try:
-                acks.add(int(index), msg)
-            except (ValueError, IndexError):
-                pass
-
-    def _callbacks(self, nc: Any) -> dict[str, Any]:
-        """nats-py callbacks bound to one connection: a replaced one must not touch the next."""
-
-        async def disconnected() -> None:
-            if nc is not self._nc:
+    def _on_msg(self, subject: bytes, header: bytes | None, payload: bytes) -> None:
+        """Replies off the hot path: API answers, and acks with a header (no responders)."""
+        # <inbox>.<batch key>.<index in batch>, or <inbox>.r.<request id>
+        key, _, index = subject[self._inbox_len:].partition(b".")
+        try:
+            if key == b"r":
+                fut = self._requests.get(int(index))
+                if fut is not None and not fut.done():
+                    fut.set_result((header, payload))
                 return
-            if not self._closed:
-                log.warning("walbatch: disconnected from NATS; the next write reconnects")
-            # Acks for messages in flight will never arrive on this connection: fail those
-            # batches now instead of waiting out the timeout. JetStream may have stored
-            # some; the retry carries the same ids and the duplicate window drops them.
-            for acks in list(self._pending.values()):
-                acks.give_up("connection to NATS lost before the ack")
+            acks = self._pending.get(key)
+            if acks is not None:
+                if header is None:
+                    acks.add(int(index), payload, 0, len(payload))
+                else:
+                    acks.add_with_header(int(index), header, payload)
+        except ValueError:
+            pass  # not a reply we asked for
 
-        async def closed() -> None:
-            if nc is self._nc:
-                for acks in list(self._pending.values()):
-                    acks.give_up("connection to NATS closed")
+    def _lost(self, conn: _Conn, reason: str) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        self._ready = False
+        if not self._closed and not self._down_logged:
+            self._down_logged = True
+            log.warning("walbatch: lost the connection to NATS at %s: %s; the next write "
+                        "reconnects", conn.server, reason)
+        # Replies to what is in flight will never come on this connection: fail those
+        # batches now instead of waiting out the timeout. JetStream may have stored some;
+        # the retry carries the same ids and the duplicate window drops them.
+        for acks in list(self._pending.values()):
+            acks.give_up(f"connection to NATS lost ({reason})")
+        for fut in list(self._requests.values()):
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection to NATS lost ({reason})"))
 
-        async def error(ex: BaseException) -> None:
-            self._last_connect_error = ex
-            # While the servers are away nats-py reports every failed attempt (one per
-            # reconnect_wait); one line per outage is enough.
-            if nc is self._nc and not self._closed and not self._error_logged:
-                self._error_logged = True
-                log.warning("walbatch: NATS connection error: %s: %s", type(ex).__name__, ex)
-
-        return dict(error_cb=error, disconnected_cb=disconnected, closed_cb=closed)
-
-    async def _shutdown(self, timeout: float) -> None:
+    async def _shutdown(self) -> None:
         for acks in list(self._pending.values()):
             acks.give_up("the NATS sink is closing")
-        nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.flush(), timeout) if nc.is_connected else None
-            except Exception:
-                pass
-            await asyncio.wait_for(nc.close(), timeout)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
 
 def _fmt_duration(seconds: float) -> str:
