@@ -37,8 +37,10 @@ OTHER_LOG = "6f1c2a8e-0000-4000-8000-000000000002"
 RETRY = {"retry_initial_delay": 0.01, "retry_max_delay": 0.1}
 
 
-def batch(*items, first_seq: int = 1, log_id: str = LOG_ID) -> Batch:
-    return Batch([Record(first_seq + i, item) for i, item in enumerate(items)], log_id, "size")
+def batch(*items, first_seq: int = 1, log_id: str = LOG_ID, reason: str = "size",
+          attempt: int = 1) -> Batch:
+    return Batch([Record(first_seq + i, item) for i, item in enumerate(items)], log_id, reason,
+                 attempt)
 
 
 @pytest.fixture
@@ -137,9 +139,13 @@ def test_a_redelivery_inserts_nothing_twice(postgres, sinks, query, table):
     sink.write(batch({"v": 1}, {"v": 2}, {"v": 3}))  # the same batch again
     sink.write(batch({"v": 20}, {"v": 30}, {"v": 4}, first_seq=2))  # overlapping: first wins
     sink.write(batch({"v": 1}, log_id=OTHER_LOG))  # same seq, another log: a distinct record
+    sink.write(batch({"v": 40}, {"v": 5}, first_seq=4, reason="replay"))
+    sink.write(batch({"v": 50}, {"v": 6}, first_seq=5, attempt=3))
+    outcomes = sink.write(batch({"v": 60}, {"v": "bad"}, {"v": 8}, first_seq=6))
+    assert outcomes is not None and [o is None for o in outcomes] == [True, False, True]
     rows = query(f"SELECT _log_id::text, _seq, v FROM {table} ORDER BY _log_id, _seq")
     assert rows == [(LOG_ID, 1, 1), (LOG_ID, 2, 2), (LOG_ID, 3, 3), (LOG_ID, 4, 4),
-                    (OTHER_LOG, 1, 1)]
+                    (LOG_ID, 5, 5), (LOG_ID, 6, 6), (LOG_ID, 8, 8), (OTHER_LOG, 1, 1)]
 
 
 def test_create_makes_the_table_with_its_key(postgres, sinks, query, table):
@@ -164,11 +170,29 @@ def test_a_missing_table_is_transient_and_the_next_write_finds_it(postgres, sink
     assert query(f"SELECT item FROM {table}") == [("x",)]
 
 
-def test_a_table_without_the_key_is_a_clear_transient_error(postgres, sinks, query, table):
+@pytest.mark.parametrize("key", [
+    "",                                                         # no key at all
+    "CREATE UNIQUE INDEX ON {t} (_log_id, _seq, item)",         # wider: duplicates get in
+    "CREATE UNIQUE INDEX ON {t} (_log_id, _seq) WHERE _seq > 5",  # partial
+    "ALTER TABLE {t} ADD UNIQUE (_log_id, _seq) DEFERRABLE",    # ON CONFLICT cannot use it
+])
+def test_a_table_without_the_key_is_a_clear_transient_error(postgres, sinks, query, table, key):
     query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, item jsonb)")
+    if key:
+        query(key.format(t=table))
     with pytest.raises(SinkError, match=r"primary key or unique index on \(_log_id, _seq\)") as err:
         sinks(postgres.url(table=table)).write(batch("x"))
     assert err.value.retryable
+    assert query(f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+def test_a_unique_index_in_either_column_order_is_the_key(postgres, sinks, query, table):
+    query(f"CREATE TABLE {table} (_log_id text, _seq bigint, item jsonb)")
+    query(f"CREATE UNIQUE INDEX ON {table} (_seq, _log_id)")
+    sink = sinks(postgres.url(table=table))
+    sink.write(batch("x", "y"))
+    sink.write(batch("x", "y"))
+    assert query(f"SELECT _seq, item FROM {table} ORDER BY _seq") == [(1, "x"), (2, "y")]
 
 
 # ------------------------------------------------------------------ errors

@@ -1,9 +1,12 @@
 """PostgreSQL sink (psycopg 3): COPY each batch in, keyed by (log_id, seq).
 
-Each batch is COPYed into a per-connection temporary staging table and moved
-into the target with ``INSERT ... SELECT ... ON CONFLICT (_log_id, _seq) DO
-NOTHING`` in one transaction, committed before ``write`` returns; a redelivered
-record is dropped by the key instead of duplicated. See docs/sinks/postgresql.md
+A batch's first delivery is COPYed straight into the table. If that fails on
+the (_log_id, _seq) key (some rows were stored already) or on a bad row, and for
+every retry or replay, the batch is COPYed into a per-connection temporary
+staging table and moved into the target with ``INSERT ... SELECT ... ON
+CONFLICT (_log_id, _seq) DO NOTHING``, so a redelivered record is dropped
+instead of duplicated. Each batch is one transaction, committed before
+``write`` returns. See docs/sinks/postgresql.md
 for the URL, the two modes (``jsonb``: the whole item in one column;
 ``columns``: a dict item's fields in columns) and the measurements behind the
 choices.
@@ -177,19 +180,27 @@ class PostgreSQLSink:
         keep = False
         try:
             rows, outcomes = session.rows(batch)
-            if rows:
+            # A first delivery is almost never in the table yet: COPY it straight in,
+            # which costs the server half what staging + INSERT ... ON CONFLICT does.
+            # If any row is already there (a commit whose answer was lost) or bad, the
+            # key or the constraint fails the COPY, nothing of it stays, and the
+            # careful path below runs. Retries and replays, which are likely to
+            # overlap what is stored, take the careful path at once.
+            direct = batch.attempt == 1 and batch.reason != "replay"
+            if rows and direct:
                 try:
                     with session.conn.transaction():
-                        session.copy_insert(rows)
+                        session.copy(rows, session.direct_sql)
+                    rows = []
                 except psycopg.Error as ex:
                     if not _item_level(ex):
                         raise
-                    # Rolled back: find the bad items, commit the rest. Deferred
-                    # constraints are checked per statement here, or they would only
-                    # fail the final COMMIT, where no savepoint can isolate the culprit.
-                    with session.conn.transaction():
-                        session.cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
-                        self._bisect(session, rows, outcomes)
+            if rows:
+                # Deferred constraints are checked per statement here, or they would
+                # only fail the final COMMIT, where no savepoint can isolate the culprit.
+                with session.conn.transaction():
+                    session.cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+                    self._place(session, rows, outcomes)
             keep = True
         except psycopg.Error as ex:
             raise SinkError(f"PostgreSQL {self._where}: {_message(ex)}{_hint(ex)}") from ex
@@ -197,16 +208,21 @@ class PostgreSQLSink:
             self._release(session, keep)
         return None if all(o is None for o in outcomes) else outcomes
 
-    def _bisect(self, session: _Session, rows: list[tuple[int, tuple]],
-                outcomes: list[BaseException | None]) -> None:
-        """Place ``rows`` in savepoints, halving every failing chunk until it is one row."""
+    def _place(self, session: _Session, rows: list[tuple[int, tuple]],
+               outcomes: list[BaseException | None]) -> None:
+        """Insert ``rows`` skipping stored keys; bisect in savepoints to isolate bad rows.
+
+        The whole batch goes first: when nothing is wrong with it but some rows
+        were stored already, this one statement is all it takes.
+        """
         psycopg = self._psycopg
         todo = [rows]
         while todo:
             chunk = todo.pop()
             try:
                 with session.conn.transaction():  # a savepoint: a failure undoes only the chunk
-                    session.copy_insert(chunk, move=True)
+                    session.copy(chunk, session.stage_sql)
+                    session.cur.execute(session.move_sql)
             except psycopg.Error as ex:
                 if not _item_level(ex):
                     raise
@@ -320,21 +336,20 @@ class _Session:
         names = sql.SQL(", ").join(sql.Identifier(n) for n in wanted)
         stage = sql.Identifier(STAGE)
         # The staging table has the target's column types and nothing else (no
-        # constraint, index or trigger): COPY into it is as cheap as COPY gets,
-        # and ON COMMIT DELETE ROWS empties it at every commit for free.
+        # constraint, index or trigger), so a row fails there only for its own
+        # values. Every use empties it again; ON COMMIT DELETE ROWS is the backstop.
         self.cur.execute(sql.SQL(
             "CREATE TEMPORARY TABLE {stage} ON COMMIT DELETE ROWS AS "
             "SELECT {names} FROM {table} WITH NO DATA").format(
                 stage=stage, names=names, table=sink._table))
-        self.copy_sql = sql.SQL("COPY {stage} ({names}) FROM STDIN").format(
+        self.direct_sql = sql.SQL("COPY {table} ({names}) FROM STDIN").format(
+            table=sink._table, names=names)
+        self.stage_sql = sql.SQL("COPY {stage} ({names}) FROM STDIN").format(
             stage=stage, names=names)
         conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
             keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
-        self.insert_sql = sql.SQL(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM {stage} {conflict}").format(
-                table=sink._table, names=names, stage=stage, conflict=conflict)
-        # While bisecting, several chunks share one transaction: each must take its
-        # rows out of the staging table, or the next chunk would insert them again.
+        # Several chunks may share one transaction: each takes its rows out of the
+        # staging table, or the next chunk would insert them again.
         self.move_sql = sql.SQL(
             "WITH moved AS (DELETE FROM {stage} RETURNING {names}) "
             "INSERT INTO {table} ({names}) SELECT {names} FROM moved {conflict}").format(
@@ -370,6 +385,19 @@ class _Session:
             "OR a.attgenerated <> '' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"),
             (oid,)).fetchall()
+        # Duplicates are kept out by this key alone (the first COPY of a batch has no
+        # ON CONFLICT): without it, refuse to write rather than duplicate.
+        (keyed,) = self.cur.execute(
+            "SELECT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = %s AND i.indisunique "
+            "AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL "
+            "AND i.indnkeyatts = 2 AND (SELECT array_agg(a.attname::text ORDER BY a.attname) "
+            "FROM pg_attribute a WHERE a.attrelid = i.indrelid "
+            "AND a.attnum = ANY((i.indkey::int2[])[0:1])) = ARRAY['_log_id', '_seq'])",
+            (oid,)).fetchone()
+        if not keyed:
+            raise SinkError(f"table {sink.table} has no primary key or unique index on "
+                            "(_log_id, _seq): walbatch relies on it to drop redelivered records "
+                            "(ALTER TABLE ... ADD PRIMARY KEY (_log_id, _seq))")
         return {name: (typname, own) for name, typname, own in rows}
 
     # ---------------------------------------------------------------- rows
@@ -414,12 +442,11 @@ class _Session:
             rows.append((i, tuple(row)))
         return rows, outcomes
 
-    def copy_insert(self, rows: list[tuple[int, tuple]], move: bool = False) -> None:
-        with self.cur.copy(self.copy_sql) as copy:
+    def copy(self, rows: list[tuple[int, tuple]], statement: Any) -> None:
+        with self.cur.copy(statement) as copy:
             write_row = copy.write_row
             for _, row in rows:
                 write_row(row)
-        self.cur.execute(self.move_sql if move else self.insert_sql)
 
     def healthy(self) -> bool:
         from psycopg.pq import TransactionStatus
