@@ -58,8 +58,9 @@ class NatsServer:
 
     def __init__(self, binary: str, store_dir: str | None = None, name: str = "n1",
                  cluster_port: int | None = None, routes: list[int] | None = None,
-                 cluster_name: str = "walbatch-test") -> None:
+                 cluster_name: str = "walbatch-test", extra_args: list[str] | None = None) -> None:
         self.binary = binary
+        self.extra_args = extra_args or []
         self.name = name
         self.port = free_port()
         self.http_port = free_port()
@@ -87,7 +88,7 @@ class NatsServer:
                      "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
             if self.routes:
                 args += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
-        return args
+        return args + self.extra_args
 
     def start(self, wait: float = 20.0) -> NatsServer:
         """Start (or restart, same ports and store) and wait until the client port answers."""
@@ -142,6 +143,15 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP: sockets stay open (the kernel even accepts new ones), nobody answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the node vanishes mid-whatever, as in a crash."""

@@ -14,6 +14,7 @@ import base64
 import glob
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,6 +386,83 @@ def test_server_down_at_open_and_later_only_delays_delivery(own_server, tmp_path
         assert b.stats().delivered == 100
     ids = ids_in(read_stream(own_server.url, "DOWN"))
     assert sorted(ids) == sorted([f"a{k}" for k in range(50)] + [f"b{k}" for k in range(50)])
+
+
+def test_a_hung_server_times_out_then_delivers_when_it_wakes(own_server, tmp_path):
+    """SIGSTOP: no FIN, no RST, no answers. Acks time out, PING gets no PONG, the
+    connection is dropped and reconnects fail until the server runs again."""
+    own_server.start()
+    url = f"{own_server.url}?stream=HUNG&subject=hung.in&create=1&timeout=300ms&connect_timeout=300ms"
+    with DurableBatcher(tmp_path / "log", url, **RETRY) as b:
+        b.submit_many([{"id": f"a{k}"} for k in range(50)])
+        b.flush(timeout=WAIT)
+        own_server.pause()
+        try:
+            b.submit_many([{"id": f"b{k}"} for k in range(50)])
+            deadline = time.monotonic() + WAIT
+            while b.stats().retries < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert b.stats().pending == 50
+        finally:
+            own_server.resume()
+        b.flush(timeout=WAIT)
+    ids = ids_in(read_stream(own_server.url, "HUNG"))
+    assert sorted(ids) == sorted([f"a{k}" for k in range(50)] + [f"b{k}" for k in range(50)])
+
+
+def test_user_password_and_token_auth(tmp_path):
+    binary = require_binary()
+    with_user = NatsServer(binary, extra_args=["--user", "wb", "--pass", "p@ss word"]).start()
+    with_token = NatsServer(binary, extra_args=["--auth", "s3cret"]).start()
+    try:
+        for url in (f"nats://wb:p%40ss%20word@{with_user.hostport}?",
+                    f"nats://{with_user.hostport}?user=wb&password=p%40ss%20word&",
+                    f"nats://s3cret@{with_token.hostport}?"):
+            sink = sink_from_url(url + "stream=AUTH&subject=auth.in&create=1")
+            try:
+                assert sink.write(batch([{"id": "x"}])) is None
+            finally:
+                sink.close()
+        for url in (f"nats://wb:wrong@{with_user.hostport}", f"nats://nope@{with_token.hostport}"):
+            sink = sink_from_url(f"{url}?stream=AUTH&subject=auth.in")
+            try:
+                with pytest.raises(SinkError, match="(?i)authorization violation") as info:
+                    sink.write(batch([{"id": "x"}]))
+                assert info.value.retryable  # fix the credentials; the log keeps the items
+            finally:
+                sink.close()
+    finally:
+        with_user.cleanup()
+        with_token.cleanup()
+
+
+def test_tls_with_a_private_ca(tmp_path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not found: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = NatsServer(require_binary(), extra_args=["--tls", "--tlscert", str(cert),
+                                                      "--tlskey", str(key)]).start()
+    try:
+        sink = sink_from_url(f"tls://localhost:{server.port}?stream=TLS&subject=tls.in&create=1"
+                             f"&tls_ca={cert}")
+        try:
+            assert sink.write(batch([{"id": "secret"}])) is None
+        finally:
+            sink.close()
+        # Without the CA the certificate is not trusted: a clear, retryable error.
+        sink = sink_from_url(f"tls://localhost:{server.port}?stream=TLS&subject=tls.in")
+        try:
+            with pytest.raises(SinkError, match="(?i)certificate verify failed"):
+                sink.write(batch([{"id": "x"}]))
+        finally:
+            sink.close()
+    finally:
+        server.cleanup()
 
 
 def test_r3_cluster_loses_a_node_mid_delivery_nothing_lost_or_duplicated(tmp_path):
