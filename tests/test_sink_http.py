@@ -16,8 +16,10 @@ import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -74,7 +76,7 @@ class Request:
 
 
 class BulkAPI:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.lock = threading.Lock()
         self.requests: list[Request] = []  # every POST, in arrival order
         self.accepted: list[Request] = []  # stored: the first request with each key
@@ -121,7 +123,10 @@ class BulkAPI:
                 pass  # clients that time out and go away are part of the tests
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -551,6 +556,27 @@ def test_when_one_part_fails_only_its_items_fail(api, make):
     assert stats.delivered == 40 - len(bad) and stats.dead_lettered == len(bad)
 
 
+def test_retry_after_is_honoured_when_a_refused_item_comes_first(api, make):
+    # The first failed record of the batch is a refused one (NaN); the 429 comes later.
+    n = {"req": 0}
+
+    def rule(req: Request) -> Fault | None:
+        n["req"] += 1
+        return Fault("status", 429, {"Retry-After": "0.3"}) if n["req"] == 2 else None
+
+    api.rule = rule
+    b = make(f"{api.url}/bulk?max_body_bytes=300&compress=none", max_items=100)
+    items = [{"bad": float("nan")}] + [{"i": i, "pad": "w" * 30} for i in range(20)]
+    receipts = b.submit_many(items)
+    b.flush(timeout=WAIT)
+    reqs = api.sent()
+    again = [r for r in reqs[2:] if r.key == reqs[1].key]
+    assert again and again[0].at - reqs[1].at >= 0.3
+    s = list(receipts.seqs)
+    assert [d.seq for d in b.dead_letters.list()] == [s[0]]
+    check_exactly_once(api, dict(zip(s[1:], items[1:], strict=True)))
+
+
 def test_a_partial_retry_is_cut_into_the_same_requests(api):
     # Parts 1..n; part 2 gets a 400 and part 3 a 503, so 4.. are not sent. The retry
     # holds parts 3.. only: it must be cut exactly as before (same keys, same bytes).
@@ -594,6 +620,41 @@ def test_one_keep_alive_connection_per_delivery_thread(api, make):
     while api.closed < api.opened and time.monotonic() < deadline:
         time.sleep(0.01)
     assert api.closed == api.opened, "close() left connections open"
+
+
+@pytest.fixture(scope="module")
+def tls_cert(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_with_a_private_ca_and_a_refused_certificate(tls_cert):
+    cert, key = tls_cert
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = BulkAPI(tls=ctx)
+    try:
+        sink = from_url(f"{server.url}/bulk?ca_file={cert}")
+        try:
+            assert sink.write(batch({"a": 1}, {"b": 2})) is None
+            assert sink.write(batch({"c": 3}, first_seq=3)) is None
+        finally:
+            sink.close()
+        check_exactly_once(server, {1: {"a": 1}, 2: {"b": 2}, 3: {"c": 3}})
+        assert len({r.conn for r in server.sent()}) == 1  # keep-alive over TLS too
+        untrusting = from_url(f"{server.url}/bulk")  # the system CAs do not know ours
+        with pytest.raises(SinkError, match="CERTIFICATE_VERIFY_FAILED") as info:
+            untrusting.write(batch({"d": 4}, first_seq=4))
+        assert info.value.retryable  # a setup problem: the log keeps the items meanwhile
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(("url", "message"), [

@@ -272,6 +272,13 @@ class HTTPSink:
                 raise stop
             if len({id(o) for o in outcomes.values()}) == 1:
                 raise next(iter(outcomes.values()))
+        if stop is not None and stop.retry_after is not None:
+            # The flusher takes the retry delay from the first failed record, which may
+            # be a refused one (a 400'd part, an item with no JSON form): let every
+            # failure here carry the server's Retry-After so it is honoured anyway.
+            for o in outcomes.values():
+                if isinstance(o, SinkError) and o.retry_after is None:
+                    o.retry_after = stop.retry_after
         return [outcomes.get(r.seq) for r in batch]
 
     def _cut(self, batch: Batch, log_id: str,
