@@ -14,6 +14,8 @@ import base64
 import glob
 import json
 import logging
+import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +31,7 @@ from nats_server import NatsCluster, NatsServer, require_binary
 
 from walbatch import Batch, DurableBatcher, PermanentSinkError, Record, SinkError
 from walbatch.sinks import sink_from_url
-from walbatch.sinks.nats import NATSSink, parse_duration, parse_url, subject_matches
+from walbatch.sinks.nats import _QUERY_KEYS, NATSSink, parse_duration, parse_url, subject_matches
 
 nats = pytest.importorskip("nats")
 from nats.js.api import StreamConfig  # noqa: E402
@@ -182,6 +184,12 @@ def test_url_options_parse():
 def test_malformed_url_is_a_value_error_naming_the_problem(url, problem):
     with pytest.raises(ValueError, match=problem.replace("?", r"\?").replace("*", r"\*")):
         sink_from_url(url)
+
+
+def test_every_url_option_is_documented():
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "sinks" / "nats.md").read_text()
+    for key in sorted(_QUERY_KEYS):
+        assert re.search(rf"^\| `{key}` \|", doc, re.M), f"?{key}= missing from docs/sinks/nats.md"
 
 
 def test_subject_matching_follows_nats_wildcards():
