@@ -375,11 +375,12 @@ class _Conn:
         self.max_payload = int(info.get("max_payload") or 1 << 20)
         self.closed = False
         self.error: str | None = None  # the server's last -ERR
-        # The hot path: a PubAck is "MSG <inbox>.<batch key>.<index> <sid> <size>" and goes
+        # The hot path: a PubAck is "MSG <inbox>.<batch key>.<index> <sid> <size>" (the server
+        # leaves an empty reply field: two spaces before the size) and goes
         # straight into its batch's table (one C regex match instead of splitting the line,
         # a quarter of the reply-handling time). Anything else takes the general path.
         self._ack_line = re.compile(rb"MSG " + re.escape(inbox.encode()) +
-                                    rb"\.(\d+)\.(\d+) \d+ (\d+)\r\n").match
+                                    rb"\.(\d+)\.(\d+) \d+ +(\d+)\r\n").match
         self._pending = pending
         self._on_msg = on_msg
         self._on_lost = on_lost
