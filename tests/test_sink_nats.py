@@ -423,6 +423,19 @@ def test_subject_template_routes_and_refuses_what_it_cannot_route(server, stream
     assert "not bound" in dead["3"] and "'.'" in dead["4"] and "no field" in dead["5"]
 
 
+def test_literal_subject_outside_the_stream_is_refused_not_published(server, stream, caplog):
+    root = stream.lower()
+    add_stream(server.url, stream, [f"{root}.a"], duplicate_window=600)
+    sink = sink_from_url(f"{server.url}?stream={stream}&subject={root}.b")
+    try:
+        out = sink.write(batch([{"id": "1"}, {"id": "2"}]))
+    finally:
+        sink.close()
+    assert all(isinstance(o, PermanentSinkError) and "not bound" in str(o) for o in out)
+    assert any("not bound" in r.message and r.levelno == logging.ERROR for r in caplog.records)
+    assert read_stream(server.url, stream) == []
+
+
 def test_server_down_at_open_and_later_only_delays_delivery(own_server, tmp_path):
     url = f"{own_server.url}?stream=DOWN&subject=down.in&create=1&timeout=2s"
     with DurableBatcher(tmp_path / "log", url, **RETRY) as b:

@@ -358,7 +358,7 @@ class _Conn:
     message, then builds a Msg and queues it to a task per subscription; with one PubAck
     per published message that capped the whole sink near 56k messages/s on our 2-core
     VM, below what walbatch can feed it (benchmarks/bench_nats.py measures both). This
-    class writes a batch as one buffer and parses acks with bytes.find.
+    class writes a batch as one buffer and matches each ack with one compiled regex.
 
     Lives on the sink's loop. Writes CONNECT, PING, PONG, SUB, PUB and HPUB; reads MSG and
     HMSG (everything arrives on the sink's inbox), PING, PONG, +OK, -ERR and INFO.
@@ -689,22 +689,29 @@ class NATSSink:
         encode, template, is_bound, max_size = (
             self._encode, self._template, self._is_bound, self._max_size)
         literal = template.literal.encode() if template.literal is not None else None
+        # Only subjects the stream covers are published: another subject would be stored
+        # by another stream (or get "no responders", retried forever).
+        literal_bound = literal is None or is_bound(template.literal or "")
         for i, rec in enumerate(batch):
             try:
                 payload = encode(rec.item)
-                if literal is not None:
-                    subject = literal
-                else:
-                    subject_str = template.render(rec.item)
-                    subject = subject_str.encode()
             except (TypeError, ValueError, OverflowError, RecursionError) as ex:
                 outcomes[i] = PermanentSinkError(
-                    f"seq {rec.seq}: cannot publish as {self.options.encoding}: {ex}")
+                    f"seq {rec.seq}: cannot encode as {self.options.encoding}: {ex}")
                 continue
-            if literal is None and not is_bound(subject_str):
+            if literal is not None:
+                subject, subject_str, bound = literal, template.literal, literal_bound
+            else:
+                try:
+                    subject_str = template.render(rec.item)
+                except ValueError as ex:
+                    outcomes[i] = PermanentSinkError(f"seq {rec.seq}: no subject: {ex}")
+                    continue
+                subject, bound = subject_str.encode(), is_bound(subject_str)
+            if not bound:
                 outcomes[i] = PermanentSinkError(
-                    f"subject {subject_str!r} is not bound to stream {self.options.stream!r} "
-                    f"(its subjects: {', '.join(self._filters)})")
+                    f"seq {rec.seq}: subject {subject_str!r} is not bound to stream "
+                    f"{self.options.stream!r} (its subjects: {', '.join(self._filters) or 'none'})")
                 continue
             header = b"NATS/1.0\r\nNats-Msg-Id: %s%d\r\n\r\n" % (id_prefix, rec.seq)
             size = len(header) + len(payload)
