@@ -673,6 +673,7 @@ def test_https_with_a_private_ca_and_a_refused_certificate(tls_cert):
     ("http://h/bulk?header=X-A:a%0D%0Ab", "without CR, LF or NUL"),
     ("http://h/bulk?header=Content-Length:5", "set by the sink itself"),
     ("http://h/bulk?header=Content-Type:x", "use content_type="),
+    ("http://h/bulk?header=walbatch-attempt:9", "set by the sink itself"),
     ("http://h/bulk?header_env=Authorization:WB_SURELY_UNSET_VAR", "WB_SURELY_UNSET_VAR is not set"),
     ("http://h/bulk?headers_file=/nonexistent/h", "headers_file"),
     ("http://h/bulk?compres=gzip", "unknown option 'compres'"),
@@ -691,6 +692,14 @@ def test_malformed_urls_and_options_name_the_problem(url, message):
     with pytest.raises(ValueError, match=message.replace("?", r"\?")) as info:
         sink_from_url(url)
     assert "u:p@" not in str(info.value)
+
+
+def test_the_constructor_checks_its_url_too():
+    with pytest.raises(ValueError, match="must start with http") as info:
+        HTTPSink("ftp://u:p@h/bulk")
+    assert "u:p@" not in str(info.value)
+    with pytest.raises(ValueError, match="valid header name"):
+        HTTPSink("http://h/", headers={"Bad Name": "x"})
 
 
 def test_defaults():

@@ -156,7 +156,7 @@ class HTTPSink:
                  retry_status: Iterable[int] = (), ca_file: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
-            raise ValueError(f"HTTP sink URL must start with http:// or https://, got {url!r}")
+            raise ValueError(f"HTTP sink URL must start with http:// or https://, got {_safe(url)!r}")
         if parts.fragment:
             raise ValueError(f"HTTP sink URL {_safe(url)!r} has a #fragment; remove it")
         if not parts.hostname:
@@ -220,7 +220,8 @@ class HTTPSink:
                                  "is given too; use one")
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             fixed["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode("ascii")
-        fixed.setdefault("User-Agent", "walbatch")
+        if not any(n.lower() == "user-agent" for n in fixed):
+            fixed["User-Agent"] = "walbatch"
         fixed["Content-Type"] = content_type
         if compress != "none":
             fixed["Content-Encoding"] = compress
@@ -459,7 +460,7 @@ def _check_header(name: str, value: Any, what: str | None = None) -> None:
         raise ValueError(f"HTTP sink: {name!r} is not a valid header name")
     if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
         raise ValueError(f"HTTP sink: {label} must be a string without CR, LF or NUL")
-    if what is None and name.lower() in _RESERVED:
+    if what is None and (name.lower() in _RESERVED or name.lower().startswith("walbatch-")):
         hint = "; use content_type=" if name.lower() == "content-type" else ""
         raise ValueError(f"HTTP sink: header {name!r} is set by the sink itself{hint}")
     if what is not None and not value.strip():
