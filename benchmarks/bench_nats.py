@@ -309,6 +309,10 @@ def method_sink(server: NatsServer, seconds: float, size: int = 1000, threads: i
 # ------------------------------------------------------------------ main
 
 
+def _cores(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="per row (default 10)")
@@ -355,14 +359,13 @@ def main() -> None:
         return
     print(f"nats-server -js ({binary}), file storage, one node on loopback; {args.seconds:g} s per "
           f"row; every counted item was acked by JetStream and the stream holds each once")
-    print(f"| {'writer':<72} | {'items/s':>9} | {'x per-item':>10} | {'drain s':>7} | "
-          f"{'server cores':>12} |")
-    print(f"|{'-' * 74}|{'-' * 10}:|{'-' * 11}:|{'-' * 8}:|{'-' * 13}:|")
+    print(f"| {'writer':<76} | {'items/s':>9} | {'x per-item':>10} | {'drain s':>7} | "
+          f"{'server cores':>12} | {'other cores':>11} |")
+    print(f"|{'-' * 78}|{'-' * 10}:|{'-' * 11}:|{'-' * 8}:|{'-' * 13}:|{'-' * 12}:|")
     for r in rows:
         drain = f"{r['drain_s']:.1f}" if "drain_s" in r else "—"
-        sc = f"{r['server_cores']:.2f}" if r["server_cores"] is not None else "—"
-        print(f"| {r['writer']:<72} | {r['items_per_s']:>9,.0f} | {r['x_per_item']:>9.1f}x | "
-              f"{drain:>7} | {sc:>12} |")
+        print(f"| {r['writer']:<76} | {r['items_per_s']:>9,.0f} | {r['x_per_item']:>9.1f}x | "
+              f"{drain:>7} | {_cores(r['server_cores']):>12} | {_cores(r['other_cores']):>11} |")
     print(f"per-item latency: p50 {baseline['p50_us']:.0f} µs, p99 {baseline['p99_us']:.0f} µs")
     for r in rows + table:
         if r["other_cores"] is not None and r["other_cores"] >= BUSY_CORES:
@@ -374,11 +377,11 @@ def main() -> None:
     if table:
         print()
         print(f"Publish methods alone (no log), {args.methods_seconds:g} s each:")
-        print(f"| {'method':<56} | {'items/s':>9} | {'server cores':>12} |")
-        print(f"|{'-' * 58}|{'-' * 10}:|{'-' * 13}:|")
+        print(f"| {'method':<56} | {'items/s':>9} | {'server cores':>12} | {'other cores':>11} |")
+        print(f"|{'-' * 58}|{'-' * 10}:|{'-' * 13}:|{'-' * 12}:|")
         for r in table:
-            sc = f"{r['server_cores']:.2f}" if r["server_cores"] is not None else "—"
-            print(f"| {r['method']:<56} | {r['items_per_s']:>9,.0f} | {sc:>12} |")
+            print(f"| {r['method']:<56} | {r['items_per_s']:>9,.0f} | "
+                  f"{_cores(r['server_cores']):>12} | {_cores(r['other_cores']):>11} |")
 
 
 if __name__ == "__main__":
