@@ -521,24 +521,33 @@ def test_tls_with_a_private_ca(tmp_path):
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    server = NatsServer(require_binary(), extra_args=["--tls", "--tlscert", str(cert),
-                                                      "--tlskey", str(key)]).start()
+    binary = require_binary()
+    server = NatsServer(binary, extra_args=["--tls", "--tlscert", str(cert), "--tlskey", str(key)]).start()
+    # This one also wants a client certificate signed by the CA (the same self-signed one).
+    verifying = NatsServer(binary, extra_args=["--tlsverify", "--tlscert", str(cert), "--tlskey",
+                                               str(key), "--tlscacert", str(cert)]).start()
     try:
-        sink = sink_from_url(f"tls://localhost:{server.port}?stream=TLS&subject=tls.in&create=1"
-                             f"&tls_ca={cert}")
-        try:
-            assert sink.write(batch([{"id": "secret"}])) is None
-        finally:
-            sink.close()
-        # Without the CA the certificate is not trusted: a clear, retryable error.
-        sink = sink_from_url(f"tls://localhost:{server.port}?stream=TLS&subject=tls.in")
-        try:
-            with pytest.raises(SinkError, match="(?i)certificate verify failed"):
-                sink.write(batch([{"id": "x"}]))
-        finally:
-            sink.close()
+        for url in (f"tls://localhost:{server.port}?tls_ca={cert}",
+                    f"tls://localhost:{verifying.port}?tls_ca={cert}&tls_cert={cert}&tls_key={key}"):
+            sink = sink_from_url(f"{url}&stream=TLS&subject=tls.in&create=1")
+            try:
+                assert sink.write(batch([{"id": "secret"}])) is None
+            finally:
+                sink.close()
+        # Without the CA the server's certificate is not trusted; without a client
+        # certificate the verifying server hangs up. Both clear and retryable.
+        for url, problem in ((f"tls://localhost:{server.port}?", "certificate verify failed"),
+                             (f"tls://localhost:{verifying.port}?tls_ca={cert}&", "")):
+            sink = sink_from_url(f"{url}stream=TLS&subject=tls.in")
+            try:
+                with pytest.raises(SinkError, match=f"(?i)cannot connect.*{problem}") as info:
+                    sink.write(batch([{"id": "x"}]))
+                assert info.value.retryable
+            finally:
+                sink.close()
     finally:
         server.cleanup()
+        verifying.cleanup()
 
 
 def test_r3_cluster_loses_a_node_mid_delivery_nothing_lost_or_duplicated(tmp_path):
