@@ -198,6 +198,18 @@ def test_subject_matching_follows_nats_wildcards():
     assert subject_matches("a.b", "a.b") and not subject_matches("a.b", "a.c")
 
 
+def test_no_nats_server_skips_or_fails_when_ci_requires_it(monkeypatch):
+    import nats_server
+
+    monkeypatch.setattr(nats_server, "find_binary", lambda: None)
+    monkeypatch.delenv("WALBATCH_REQUIRE_SERVERS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="nats-server not found"):
+        nats_server.require_binary()
+    monkeypatch.setenv("WALBATCH_REQUIRE_SERVERS", "1")
+    with pytest.raises(pytest.fail.Exception, match="WALBATCH_REQUIRE_SERVERS=1 but nats-server"):
+        nats_server.require_binary()
+
+
 def test_sink_from_url_builds_without_connecting_and_closes():
     sink = sink_from_url("nats://127.0.0.1:1?stream=EV&subject=ev.in")  # nothing listens there
     assert isinstance(sink, NATSSink)
