@@ -23,7 +23,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -754,7 +753,7 @@ def payload_ok(item: dict[str, str]) -> bool:
     return item["p"] == "y" * (int(parts[2]) % 80)
 
 
-def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api):
+def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api, tmp_path):
     seed = random.SystemRandom().randrange(1 << 32)
     rng = random.Random(seed)
     rule_rng = random.Random(seed + 1)
@@ -774,7 +773,7 @@ def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api):
         return None
 
     api.rule = rule
-    directory = tempfile.mkdtemp(prefix="walbatch-http-kill-")
+    directory = str(tmp_path)
     log_dir, acks = os.path.join(directory, "log"), os.path.join(directory, "acks")
     # Small bodies, so most batches are cut into several requests and kills land between them.
     url = f"{api.url}/bulk?max_body_bytes=2048&timeout=2"
