@@ -209,3 +209,22 @@ def test_adaptive_batching_grows_while_fast_and_shrinks_when_slow(make):
 def test_adaptive_batching_is_off_by_default(make):
     b = make(Collector(), max_items=50)
     assert b.stats().batch_limit == 50
+
+
+def test_per_item_retry_after_is_taken_from_the_retryable_failures(make):
+    from walbatch import PermanentSinkError
+
+    calls: list[float] = []
+
+    def sink(batch):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return [PermanentSinkError("refused"), SinkError("busy", retry_after=0.4)]
+        return None
+
+    b = make(sink, retry_initial_delay=0.001, retry_max_delay=0.001)
+    rs = b.submit_many(["bad", "later"])
+    b.flush(WAIT)
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.4
+    assert b.stats().dead_lettered == 1 and b.stats().delivered == 1
+    assert rs.count == 2

@@ -389,7 +389,11 @@ class Flusher:
             self.batches_by_reason[closed.reason] = self.batches_by_reason.get(closed.reason, 0) + 1
         if self._pool is None:
             self._deliver(closed)
+            # A backlog is fed many batches per loop turn: save progress as it is made,
+            # so repeated crashes during a long replay still move forward.
+            self._write_checkpoint()
             return
+        self._write_checkpoint()
         key = closed.key
         slots = self.opts.flush_concurrency
         with self._cv:
@@ -488,7 +492,9 @@ class Flusher:
                     retry.append(rec)
                 else:
                     dead.update(self._dead_letter([rec], ex, attempt, key))
-            if retry and not self._backoff(attempt, failed[0][1]):
+            if retry and not self._backoff(attempt, max(
+                    (ex for _, ex in failed if isinstance(ex, SinkError) and ex.retryable),
+                    key=lambda ex: getattr(ex, "retry_after", None) or 0.0)):
                 return
             todo = retry
             attempt += 1

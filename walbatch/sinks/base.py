@@ -75,6 +75,13 @@ def resolve_sink(spec: Any) -> Any:
     )
 
 
+def _redacted(url: str) -> str:
+    """The URL without credentials or query (both may hold secrets), for error messages."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme and parts.netloc else url.split("?")[0]
+
+
 def sink_from_url(url: str) -> Any:
     """Build a built-in sink from its URL (see docs/sinks.md)."""
     scheme = urlsplit(url).scheme
@@ -110,6 +117,6 @@ def sink_from_url(url: str) -> Any:
             fn = getattr(importlib.import_module(module), attr)
             return resolve_sink(fn)
     raise ValueError(
-        f"unknown sink {url!r}: expected sqlite:///PATH.db, file:///ABS/PATH.jsonl, "
+        f"unknown sink {_redacted(url)!r}: expected sqlite:///PATH.db, file:///ABS/PATH.jsonl, "
         "postgresql://..., nats://..., http(s)://... or module:function"
     )
