@@ -187,7 +187,8 @@ def _fail(ex: BaseException) -> click.ClickException:
 @click.option("--socket", "socket_path", default=None, envvar="WALBATCH_SOCKET",
               help="Unix socket to listen on [default: DATA_DIR/walbatch.sock].")
 @click.option("--sink", default=None, envvar="WALBATCH_SINK",
-              help="Sink URL: sqlite:///PATH, file:///PATH, module:function "
+              help="Sink URL: sqlite:///PATH, file:///PATH, postgresql://..., nats://..., "
+                   "http(s)://..., module:function (docs/sinks.md) "
                    "[default: sqlite:///DATA_DIR/walbatch.db].")
 @click.option("--socket-mode", default="0600", show_default=True, envvar="WALBATCH_SOCKET_MODE",
               help="Permissions of the socket file (octal).")
@@ -446,7 +447,8 @@ def _is_locked(data_dir: str) -> bool:
 @cli.command()
 @_DATA_DIR
 @click.option("--sink", required=True, envvar="WALBATCH_SINK",
-              help="Where to deliver: sqlite:///PATH, file:///PATH or module:function.")
+              help="Where to deliver: sqlite:///PATH, file:///PATH, postgresql://..., "
+                   "nats://..., http(s)://... or module:function (docs/sinks.md).")
 @click.option("--dry-run", is_flag=True, help="Only read, decode and count what would be delivered.")
 @click.option("--timeout", default=None, type=click.FloatRange(min=0),
               help="Give up after this many seconds (what is left stays in the log).")

@@ -52,7 +52,7 @@ CHECKPOINT_FILE = "checkpoint"
 LOCK_FILE = "LOCK"
 FLUSH_LOCK_FILE = "FLUSH.LOCK"
 SYNCED_FILE = "synced"
-_MARKER = struct.Struct("<IQQQ")
+_MARKER = struct.Struct("<IQQQ16s")  # magic, synced seq, active segment, its end, log id
 _MARKER_MAGIC = 0x53594E43  # "SYNC"
 QUARANTINE_DIR = "quarantine"
 QUARANTINE_REPORT = "report.jsonl"
@@ -214,7 +214,7 @@ class Log:
             locks.release()
             raise
         log_.role = role
-        if role == "writer":
+        if role in ("writer", "owner"):
             log_._publish()
         elif role == "flusher":
             log_.readonly = False  # may checkpoint; _check_usable still refuses appends
@@ -255,7 +255,10 @@ class Log:
             cp = Checkpoint(uuid.uuid4())
             write_checkpoint(fs, cp_path, cp)
         rec = _Recovery(fs, directory, cp, on_corruption, readonly)
-        high_water = max(cp.seq, cp.high_water)  # everything through here was durable
+        # Everything through here was durable: the checkpoint's mark, or the newer one
+        # the writer published after its last fsync.
+        marker = read_marker(fs, directory, cp.log_id)
+        high_water = max(cp.seq, cp.high_water, marker[0] if marker else 0)
 
         # Segments a durable checkpoint covers entirely were due for deletion
         # when the process stopped; finish the job.
@@ -438,17 +441,20 @@ class Log:
             seg.size = self._active_size
             seg.last_seq = self.next_seq - 1
             self.synced_seq = self.next_seq - 1
-        if self.role == "writer":
+        if self.role in ("writer", "owner"):
             self._publish()
 
     # ------------------------------------------------- writer/flusher split
 
     def _publish(self) -> None:
-        """Tell a follower how far the log is durable (writer role).
+        """Record how far the log is durable, in ``<dir>/synced``.
 
-        Written after the fsync it describes, never fsync'd itself: a lost or
-        stale update only makes a follower wait, it never shows it unsynced data.
-        Only on the real file system (the simulator has no second process).
+        A follower (``replay --follow``) reads it to know what it may deliver, and
+        recovery reads it as a high-water mark: damage at the tail below it is
+        corruption of acknowledged records, not a torn write. Written after the
+        fsync it describes, never fsync'd itself: a lost or stale update only
+        lowers the mark, it never claims unsynced data. Only on the real file
+        system (the simulator has no second process).
         """
         if not isinstance(self.fs, OsFileSystem):
             return
@@ -458,20 +464,12 @@ class Log:
         with self._lock:
             seg = self._segments[-1] if self._segments else None
             body = _MARKER.pack(_MARKER_MAGIC, self.synced_seq, seg.first_seq if seg else 0,
-                                seg.size if seg else 0)
+                                seg.size if seg else 0, self.log_id.bytes)
         os.pwrite(self._marker_fd, body + struct.pack("<I", crc32c(body)), 0)
 
     def read_marker(self) -> tuple[int, int, int] | None:
         """The writer's published ``(synced_seq, segment first_seq, end offset)``."""
-        try:
-            data = self.fs.read_file(os.path.join(self.directory, SYNCED_FILE))
-        except FileNotFoundError:
-            return None
-        if len(data) != _MARKER.size + 4 or struct.unpack_from("<I", data, _MARKER.size)[0] != crc32c(
-                data[:_MARKER.size]):
-            return None
-        magic, seq, seg_first, end = _MARKER.unpack_from(data)
-        return (seq, seg_first, end) if magic == _MARKER_MAGIC else None
+        return read_marker(self.fs, self.directory, self.log_id)
 
     def refresh(self) -> bool:
         """Flusher role: pick up the writer's new segments and durable end; True if it moved."""
@@ -866,6 +864,19 @@ def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
 
 
 _LOCK_GRACE = 0.5  # seconds
+
+
+def read_marker(fs: FileSystem, directory: str, log_id: uuid.UUID) -> tuple[int, int, int] | None:
+    """``(synced_seq, segment first_seq, end offset)`` from ``<dir>/synced``, if it is this log's."""
+    try:
+        data = fs.read_file(os.path.join(directory, SYNCED_FILE))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    if len(data) != _MARKER.size + 4 or struct.unpack_from("<I", data, _MARKER.size)[0] != crc32c(
+            data[:_MARKER.size]):
+        return None
+    magic, seq, seg_first, end, lid = _MARKER.unpack_from(data)
+    return (seq, seg_first, end) if magic == _MARKER_MAGIC and lid == log_id.bytes else None
 
 
 class _NoLock:
