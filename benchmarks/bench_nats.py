@@ -20,8 +20,8 @@ with a 10-minute duplicate window, and measures one after the other in the same 
 Then (``--methods-seconds``, 0 to skip) the publish methods alone, without the log, on
 1,000-item batches: ``asyncio.gather`` over nats-py's ``js.publish`` (its own concurrent
 way); nats-py's ``nc.publish`` with every reply on one inbox subscription (the lower
-level); and the sink's ``write`` (its own protocol code: the batch's HPUBs in one
-buffer, the PubAcks parsed off the socket), from 1 and 2 threads.
+level, which the sink uses); and the sink's ``write`` (that, plus encoding, routing and
+the size checks, behind its loop thread), from 1 and 2 threads.
 Target (the NATS sink issue): walbatch end-to-end >= 20x the per-item baseline.
 """
 
@@ -236,8 +236,8 @@ def method_gather(server: NatsServer, seconds: float, size: int = 1000) -> dict:
 def method_inbox(server: NatsServer, seconds: float, size: int = 1000) -> dict:
     """nats-py's lower level: nc.publish with a reply subject on one inbox subscription.
 
-    This was the sink's first implementation; its per-message reply path (parser,
-    Msg, queue, callback) is what the sink's own protocol code replaced.
+    What the sink does (walbatch/sinks/nats.py ``_publish``); nats-py's per-reply path
+    (parser, Msg, queue, callback task) is its cost per message.
     """
     name = "MINBOX"
     create_stream(server.url, name)

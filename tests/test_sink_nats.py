@@ -219,61 +219,6 @@ def test_sink_from_url_builds_without_connecting_and_closes():
         sink.write(batch([1]))
 
 
-def test_reply_parser_across_arbitrary_read_boundaries():
-    """The protocol reader gets the server's bytes in whatever pieces TCP delivers."""
-    from walbatch.sinks.nats import _OK, _Acks, _Conn
-
-    inbox = "_INBOX.feedbeef"
-    wire = [b"MSG %s.7.%d 1  %d\r\n%s\r\n" % (inbox.encode(), i, len(p), p)  # as nats-server 2.9 writes it
-            for i, p in enumerate(b'{"stream":"S", "seq":%d}' % (100 + i) for i in range(200))]
-    refusal = b'{"error":{"code":400,"err_code":10054,"description":"too big"}}'
-    wire[50] = b"MSG %s.7.50 1 %d\r\n%s\r\n" % (inbox.encode(), len(refusal), refusal)
-    wire[60] = b"HMSG %s.7.60 1 16 16\r\nNATS/1.0 503\r\n\r\n\r\n" % inbox.encode()
-    wire.insert(30, b"PING\r\n")
-    wire.insert(90, b"+OK\r\nINFO {\"server_id\":\"x\",\"ldm\":true}\r\n")
-    wire.append(b"MSG %s.999.1 1  2\r\n{}\r\n" % inbox.encode())  # a batch that gave up: ignored
-    data = b"".join(wire)
-
-    class Writer:
-        def __init__(self):
-            self.sent = []
-
-        def write(self, b):
-            self.sent.append(b)
-
-        def close(self):
-            pass
-
-    async def go(pieces):
-        loop = asyncio.get_running_loop()
-        acks = _Acks(200, 200, loop.create_future())
-        acks.sent_all()
-        reader, writer, lost, other = asyncio.StreamReader(), Writer(), [], []
-        conn = _Conn(reader, writer, {}, "test", inbox, {b"7": acks},
-                     lambda subject, header, payload: (other.append(subject),
-                                                       acks.add_with_header(int(subject.split(b".")[-1]),
-                                                                            header, payload)),
-                     lambda c, reason: lost.append(reason))
-        for piece in pieces:
-            reader.feed_data(piece)
-            await asyncio.sleep(0)
-        await asyncio.wait_for(acks.done, 5)
-        reader.feed_eof()
-        await asyncio.wait_for(conn._task, 5)
-        return acks, writer.sent, lost, other
-
-    rng = __import__("random").Random(7)
-    for trial in range(20):
-        cuts = sorted(rng.sample(range(1, len(data)), trial * 5)) if trial else []
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-        acks, sent, lost, other = asyncio.run(go(pieces))
-        assert acks.ok == 198 and acks.left == 0
-        assert all(acks.replies[i] is _OK for i in range(200) if i not in (50, 60))
-        assert acks.replies[50] == refusal and acks.replies[60][0].startswith(b"NATS/1.0 503")
-        assert sent == [b"PONG\r\n"] and lost == ["the server closed the connection"]
-        assert other == [b"%s.7.60" % inbox.encode()]  # only the HMSG left the fast path
-
-
 # ---------------------------------------------------------- against a server
 
 

@@ -10,17 +10,15 @@ message whose id it has seen within the stream's ``duplicate_window``, which tur
 walbatch's at-least-once redelivery (a retried batch, a replay after a crash) into
 effectively-once in the stream, as long as the redelivery comes within the window.
 
-The sink speaks the publisher's subset of the NATS client protocol itself (``_Conn``:
-CONNECT, SUB, HPUB, PING/PONG, MSG/HMSG) rather than through nats-py, whose per-message
-reply handling was the bottleneck; see ``_Conn`` and benchmarks/bench_nats.py. So it
-needs no third-party package.
+The transport is nats-py (``pip install 'walbatch[nats]'``), imported when a sink is
+built: ``import walbatch`` does not need it.
 
 Ownership: the sink owns one asyncio event loop, run by a private daemon thread. The
-connection, the per-batch ack tables and the API requests live on that loop and are
-touched only there. ``write`` may be called from several threads at once
-(``flush_concurrency > 1``): it encodes the items and builds the whole batch's protocol
-bytes in the calling thread, then hands them to the loop with
-``run_coroutine_threadsafe`` and waits for the acks.
+nats-py connection, the per-batch ack tables and the stream lookup live on that loop and
+are touched only there. ``write`` may be called from several threads at once
+(``flush_concurrency > 1``): it encodes, routes and size-checks the items in the calling
+thread, then hands the batch to the loop with ``run_coroutine_threadsafe`` and waits for
+the acks.
 
 Invariant: a record counts as delivered only after JetStream answered its publish with a
 PubAck (a stored or a duplicate message). No ack, for whatever reason, means "retry".
@@ -35,13 +33,10 @@ import itertools
 import json
 import json.encoder
 import logging
-import random
 import re
 import ssl
 import string
 import threading
-import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,12 +46,11 @@ import msgpack
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from .base import Outcomes
+from .base import Outcomes, require
 
 log = logging.getLogger("walbatch")
 
 DEFAULT_PORT = 4222
-_MAX_CONTROL_LINE = 1 << 16  # the server's default is 4 KiB; an INFO can grow with a cluster
 _NAME_RE = re.compile(r"^[^\s.*>/\\]+$")
 _TOKEN_RE = re.compile(r"^[^\s.*>]+$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
@@ -348,238 +342,34 @@ ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "json": encode_json, "msgpack": encode_msgpack, "raw": encode_raw}
 
 
-# ------------------------------------------------------------- protocol
-
-
-class _Conn:
-    """One connection speaking the publisher's subset of the NATS client protocol.
-
-    Why not nats-py: its reader matches a regex and deletes the front of a bytearray per
-    message, then builds a Msg and queues it to a task per subscription; with one PubAck
-    per published message that capped the whole sink near 56k messages/s on our 2-core
-    VM, below what walbatch can feed it (benchmarks/bench_nats.py measures both). This
-    class writes a batch as one buffer and matches each ack with one compiled regex.
-
-    Lives on the sink's loop. Writes CONNECT, PING, PONG, SUB, PUB and HPUB; reads MSG and
-    HMSG (everything arrives on the sink's inbox), PING, PONG, +OK, -ERR and INFO.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 info: dict[str, Any], server: str, inbox: str, pending: dict[bytes, _Acks],
-                 on_msg: Callable[[bytes, bytes | None, bytes], None],
-                 on_lost: Callable[[_Conn, str], None]) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.info = info
-        self.server = server
-        self.max_payload = int(info.get("max_payload") or 1 << 20)
-        self.closed = False
-        self.error: str | None = None  # the server's last -ERR
-        # The hot path: a PubAck is "MSG <inbox>.<batch key>.<index> <sid> <size>" (the server
-        # leaves an empty reply field: two spaces before the size) and goes
-        # straight into its batch's table (one C regex match instead of splitting the line,
-        # a quarter of the reply-handling time). Anything else takes the general path.
-        self._ack_line = re.compile(rb"MSG " + re.escape(inbox.encode()) +
-                                    rb"\.(\d+)\.(\d+) \d+ +(\d+)\r\n").match
-        self._pending = pending
-        self._on_msg = on_msg
-        self._on_lost = on_lost
-        self._pongs: deque[asyncio.Future[None]] = deque()
-        self._task = asyncio.get_running_loop().create_task(self._read_loop())
-
-    def send(self, data: bytes) -> None:
-        if self.closed:
-            raise ConnectionError("the connection is closed")
-        self.writer.write(data)
-
-    async def ping(self, timeout: float) -> bool:
-        """True when the server answers a PING within ``timeout``: the connection is alive."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs.append(fut)
-        try:
-            self.send(b"PING\r\n")
-            await asyncio.wait_for(fut, timeout)
-            return True
-        except (TimeoutError, ConnectionError, OSError):
-            return False
-
-    async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.close()  # sends what is buffered, then closes
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _read_loop(self) -> None:
-        reason = "the server closed the connection"
-        buf = b""
-        try:
-            while True:
-                data = await self.reader.read(1 << 16)
-                if not data:
-                    break
-                buf = buf + data if buf else data
-                buf = buf[self._parse(buf):]
-        except asyncio.CancelledError:
-            reason = "closed"
-        except (OSError, ValueError) as ex:  # ValueError: a malformed protocol line
-            reason = f"{type(ex).__name__}: {ex}"
-        finally:
-            if self.error and reason != "closed":
-                reason = f"{reason} (the server said: {self.error})"
-            self.closed = True
-            self.writer.close()
-            for fut in self._pongs:
-                if not fut.done():
-                    fut.cancel()
-            self._on_lost(self, reason)
-
-    def _parse(self, buf: bytes) -> int:
-        """Handle every complete protocol message in ``buf``; return the bytes consumed."""
-        pos, end, on_msg = 0, len(buf), self._on_msg
-        ack_line, pending = self._ack_line, self._pending
-        while pos < end:
-            m = ack_line(buf, pos)
-            if m is not None:
-                start = m.end()
-                stop = start + int(m[3])
-                if stop + 2 > end:
-                    return pos
-                acks = pending.get(m[1])
-                if acks is not None:  # else a late ack of a batch that gave up; its retry is deduplicated
-                    acks.add(int(m[2]), buf, start, stop)
-                pos = stop + 2
-                continue
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                if end - pos > _MAX_CONTROL_LINE:
-                    raise ValueError(f"protocol line longer than {_MAX_CONTROL_LINE} bytes")
-                return pos
-            op = buf[pos:pos + 4]
-            if op == b"MSG ":  # MSG <subject> <sid> [reply] <size>
-                args = buf[pos + 4:eol].split()
-                start = eol + 2
-                stop = start + int(args[-1])
-                if stop + 2 > end:
-                    return pos
-                on_msg(args[0], None, buf[start:stop])
-                pos = stop + 2
-            elif op == b"HMSG":  # HMSG <subject> <sid> [reply] <header size> <total size>
-                args = buf[pos + 5:eol].split()
-                start = eol + 2
-                split, stop = start + int(args[-2]), start + int(args[-1])
-                if stop + 2 > end:
-                    return pos
-                on_msg(args[0], buf[start:split], buf[split:stop])
-                pos = stop + 2
-            else:
-                if op == b"PING":
-                    self.writer.write(b"PONG\r\n")
-                elif op == b"PONG":
-                    while self._pongs:
-                        fut = self._pongs.popleft()
-                        if not fut.done():
-                            fut.set_result(None)
-                            break
-                elif op == b"-ERR":
-                    self.error = buf[pos + 4:eol].strip(b" '").decode("utf-8", "replace")
-                    log.warning("walbatch: NATS server %s: %s", self.server, self.error)
-                # +OK, INFO (cluster changes, lame duck mode): nothing to do for a publisher.
-                pos = eol + 2
-        return pos
-
-
-async def _open(server: str, o: NATSOptions, tls: ssl.SSLContext | None, inbox: str,
-                timeout: float, pending: dict[bytes, _Acks],
-                on_msg: Callable[[bytes, bytes | None, bytes], None],
-                on_lost: Callable[[_Conn, str], None]) -> _Conn:
-    """Connect, upgrade to TLS if asked, authenticate, subscribe to the inbox."""
-    scheme, _, hostport = server.partition("://")
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, int(port), limit=1 << 20), timeout)
-    try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        if not line.startswith(b"INFO "):
-            raise ConnectionError(f"not a NATS server (it said {line[:60]!r})")
-        info = json.loads(line[5:])
-        if tls is None and info.get("tls_required"):
-            tls = ssl.create_default_context()  # as other NATS clients do for nats://
-        if tls is not None:
-            await asyncio.wait_for(writer.start_tls(tls, server_hostname=host), timeout)
-        if not info.get("headers"):
-            raise ConnectionError("the server does not support message headers (NATS 2.2+ needed)")
-        connect: dict[str, Any] = {
-            "verbose": False, "pedantic": False, "tls_required": tls is not None,
-            "name": o.name, "lang": "python-walbatch", "version": "1", "protocol": 1,
-            "headers": True, "no_responders": True}
-        if o.user is not None:
-            connect.update(user=o.user, **{"pass": o.password})
-        if o.token is not None:
-            connect["auth_token"] = o.token
-        writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
-        await asyncio.wait_for(writer.drain(), timeout)
-        while True:  # the answer is PONG, or -ERR (bad credentials...) and a close
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            if not line:
-                raise ConnectionError("the server closed the connection after CONNECT")
-            if line.startswith(b"PONG"):
-                break
-            if line.startswith(b"-ERR"):
-                raise ConnectionError("the server refused the connection: "
-                                      + line[4:].strip(b" '\r\n").decode("utf-8", "replace"))
-            if line.startswith(b"PING"):
-                writer.write(b"PONG\r\n")
-        writer.write(f"SUB {inbox}.> 1\r\n".encode())
-    except BaseException:
-        writer.close()
-        raise
-    return _Conn(reader, writer, info, server, inbox, pending, on_msg, on_lost)
-
-
 # ------------------------------------------------------------------ acks
 
 
+MSG_ID = "Nats-Msg-Id"
 _OK = object()  # a PubAck without an error: stored, or a duplicate the window dropped
 
 
 class _Acks:
     """The replies one batch is waiting for, indexed by the record's position in the batch."""
 
-    __slots__ = ("replies", "left", "ok", "sending", "done", "lost")
+    __slots__ = ("replies", "left", "sending", "done", "lost")
 
-    def __init__(self, n: int, left: int, done: asyncio.Future[None]) -> None:
-        # None: no reply yet; _OK; the payload of an error reply (MSG); (header, payload) (HMSG)
-        self.replies: list[Any] = [None] * n
-        self.left = left       # published and not yet answered
-        self.ok = 0            # _OK replies: when all are, write() need not look at each
-        self.sending = True    # replies arrive while the batch is still being written
+    def __init__(self, n: int, done: asyncio.Future[None]) -> None:
+        self.replies: list[Any] = [None] * n  # None: no reply yet; _OK; else the nats-py Msg
+        self.left = 0          # published and not yet answered
+        self.sending = True    # replies arrive while later messages are still being published
         self.done = done
         self.lost: str | None = None  # why the missing replies will never come
 
-    def add(self, i: int, buf: bytes, start: int, stop: int) -> None:
-        """A MSG reply, ``buf[start:stop]``, for message ``i``."""
-        if i < len(self.replies) and self.replies[i] is None:
-            # A PubAck is {"stream":...,"seq":...[,"duplicate":true]} and stream names
-            # cannot hold quotes, so looking for "error" is exact; it spares a JSON parse
-            # (and a copy) per message.
-            if buf.find(b'"error"', start, stop) < 0 and stop > start:
-                self.replies[i] = _OK
-                self.ok += 1
-            else:
-                self.replies[i] = buf[start:stop]
-            self._answered()
-
-    def add_with_header(self, i: int, header: bytes, payload: bytes) -> None:
-        if i < len(self.replies) and self.replies[i] is None:
-            self.replies[i] = (header, payload)
-            self._answered()
-
-    def _answered(self) -> None:
-        self.left -= 1
-        if self.left <= 0 and not self.sending and not self.done.done():
-            self.done.set_result(None)
+    def add(self, i: int, msg: Any) -> None:
+        if self.replies[i] is None:
+            data = msg.data
+            # A PubAck is {"stream":...,"seq":...[,"duplicate":true]}; stream names cannot
+            # hold quotes, so the substring test is exact and spares a JSON parse.
+            self.replies[i] = _OK if data and b'"error"' not in data else msg
+            self.left -= 1
+            if self.left <= 0 and not self.sending and not self.done.done():
+                self.done.set_result(None)
 
     def sent_all(self) -> None:
         self.sending = False
@@ -593,27 +383,17 @@ class _Acks:
             self.done.set_result(None)
 
 
-def _status(header: bytes | None) -> str:
-    """``NATS/1.0 503\\r\\n...`` -> ``503``; '' when there is no status."""
-    if not header:
-        return ""
-    first = header.split(b"\r\n", 1)[0].split()
-    return first[1].decode("ascii", "replace") if len(first) > 1 else ""
-
-
 def _ack_outcome(reply: Any, stream: str) -> BaseException | None:
     """None for a PubAck (stored, or a duplicate the window dropped); else the error."""
     if reply is _OK:
         return None
-    if type(reply) is bytes:
-        header, data = None, reply
-    else:
-        header, data = reply
+    data = reply.data
     if not data:
-        if _status(header) == "503":
+        status = (reply.headers or {}).get("Status")
+        if status == "503":
             return SinkError(f"no responders: stream {stream!r} has no leader right now (a "
                              "cluster electing one), or JetStream is not available")
-        return SinkError(f"empty reply from JetStream (status {_status(header) or 'none'})")
+        return SinkError(f"empty reply from JetStream (status {status or 'none'})")
     try:
         err = json.loads(data)["error"]
         code, err_code, desc = err.get("code"), err.get("err_code"), err.get("description")
@@ -638,20 +418,17 @@ class NATSSink:
         self.options = options
         self._template = SubjectTemplate(options.subject)
         self._encode = ENCODERS[options.encoding]
+        self._nats = require("nats", "nats", "NATS")
+        require("nats.js", "nats", "NATS")
         self._tls = self._ssl_context() if options.tls else None
-        # Fixed for the sink's life, so write() can build reply subjects in its own thread
-        # whatever connection the batch then goes out on.
-        self._inbox = f"_INBOX.{uuid.uuid4().hex}"
-        self._inbox_len = len(self._inbox) + 1
-        self._batch_keys = itertools.count()   # next() is atomic under the GIL
         # Loop-owned state (see the module docstring). write() reads _ready, _filters
         # and _max_size without a lock: a stale value costs at most one server-side refusal.
-        self._conn: _Conn | None = None
+        self._nc: Any = None
         self._ready = False                 # stream looked up on the current connection
         self._lock: asyncio.Lock | None = None
-        self._pending: dict[bytes, _Acks] = {}
-        self._requests: dict[int, asyncio.Future[tuple[bytes | None, bytes]]] = {}
-        self._request_ids = itertools.count()
+        self._pending: dict[str, _Acks] = {}
+        self._inbox = ""
+        self._batch_keys = itertools.count()
         self._filters: list[str] = []
         self._max_size = -1                 # bytes incl. headers a message may have; -1: no limit
         self._bound: dict[str, bool] = {}
@@ -682,16 +459,16 @@ class NATSSink:
             self._call(self._ensure_ready())  # the stream's limits, for the checks below
         n = len(batch)
         outcomes: list[BaseException | None] = [None] * n
-        parts: list[bytes] = []
-        sent: list[int] = []
-        reply = f"{self._inbox}.{next(self._batch_keys)}.".encode()
-        id_prefix = (batch.log_id + ":").encode()
+        todo: list[tuple[int, str, bytes, str]] = []
+        prefix = batch.log_id + ":"
         encode, template, is_bound, max_size = (
             self._encode, self._template, self._is_bound, self._max_size)
-        literal = template.literal.encode() if template.literal is not None else None
+        literal = template.literal
         # Only subjects the stream covers are published: another subject would be stored
         # by another stream (or get "no responders", retried forever).
-        literal_bound = literal is None or is_bound(template.literal or "")
+        literal_bound = literal is None or is_bound(literal)
+        # What nats-py adds around the payload: "NATS/1.0\r\nNats-Msg-Id: <id>\r\n\r\n".
+        overhead = 10 + len(MSG_ID) + 2 + 2 + 2 + len(prefix)
         for i, rec in enumerate(batch):
             try:
                 payload = encode(rec.item)
@@ -700,46 +477,30 @@ class NATSSink:
                     f"seq {rec.seq}: cannot encode as {self.options.encoding}: {ex}")
                 continue
             if literal is not None:
-                subject, subject_str, bound = literal, template.literal, literal_bound
+                subject, bound = literal, literal_bound
             else:
                 try:
-                    subject_str = template.render(rec.item)
+                    subject = template.render(rec.item)
                 except ValueError as ex:
                     outcomes[i] = PermanentSinkError(f"seq {rec.seq}: no subject: {ex}")
                     continue
-                subject, bound = subject_str.encode(), is_bound(subject_str)
+                bound = is_bound(subject)
             if not bound:
                 outcomes[i] = PermanentSinkError(
-                    f"seq {rec.seq}: subject {subject_str!r} is not bound to stream "
+                    f"seq {rec.seq}: subject {subject!r} is not bound to stream "
                     f"{self.options.stream!r} (its subjects: {', '.join(self._filters) or 'none'})")
                 continue
-            header = b"NATS/1.0\r\nNats-Msg-Id: %s%d\r\n\r\n" % (id_prefix, rec.seq)
-            size = len(header) + len(payload)
+            seq = str(rec.seq)
+            size = overhead + len(seq) + len(payload)
             if 0 <= max_size < size:
                 outcomes[i] = PermanentSinkError(
                     f"seq {rec.seq}: message of {size} bytes (with headers) exceeds the limit of "
                     f"{max_size} bytes (stream {self.options.stream!r} max_msg_size / server "
                     "max_payload)")
                 continue
-            parts.append(b"HPUB %s %s%d %d %d\r\n" % (subject, reply, i, len(header), size))
-            parts.append(header)
-            parts.append(payload)
-            parts.append(b"\r\n")
-            sent.append(i)
-        if sent:
-            acks = self._call(self._send(reply.split(b".")[-2], b"".join(parts), n, len(sent)))
-            if acks.ok == len(sent) and len(sent) == n:
-                return None  # the common case: every message stored (or a known duplicate)
-            stream = self.options.stream
-            lost: BaseException | None = None
-            for i in sent:
-                r = acks.replies[i]
-                if r is None:
-                    if lost is None:
-                        lost = SinkError(f"not acknowledged: {acks.lost or 'no reply'}")
-                    outcomes[i] = lost
-                else:
-                    outcomes[i] = _ack_outcome(r, stream)
+            todo.append((i, subject, payload, prefix + seq))
+        if todo:
+            self._call(self._publish(todo, outcomes))
         failed = [o for o in outcomes if o is not None]
         if not failed:
             return None
@@ -749,7 +510,7 @@ class NATSSink:
         return outcomes
 
     def close(self, timeout: float = 10.0) -> None:
-        """Close the connection and stop the loop thread. Idempotent."""
+        """Flush and close the connection, stop the loop thread. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
@@ -757,7 +518,7 @@ class NATSSink:
         if not self._thread.is_alive():
             return
         try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop).result(timeout + 1)
         except Exception as ex:
             log.warning("walbatch: closing the NATS connection failed: %s", ex)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -803,19 +564,31 @@ class NATSSink:
 
     # -------------------------------------------------------------- loop side
 
-    async def _send(self, key: bytes, data: bytes, n: int, count: int) -> _Acks:
-        """Write one batch's HPUBs at once, then wait for all the PubAcks (or give up)."""
+    async def _publish(self, todo: list[tuple[int, str, bytes, str]],
+                       outcomes: list[BaseException | None]) -> None:
+        """Publish a batch with one reply subject per message, then wait for the PubAcks.
+
+        All replies land on the connection's one wildcard inbox subscription
+        (``_on_reply``), which files them in the batch's table: one subscription, no
+        per-message future or timer (what ``js.publish`` costs), measured faster in
+        benchmarks/bench_nats.py.
+        """
         await self._ensure_ready()
-        conn = self._conn
-        assert conn is not None
-        acks = _Acks(n, count, asyncio.get_running_loop().create_future())
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise SinkError("the connection to NATS was lost; the next attempt reconnects")
+        key = str(next(self._batch_keys))
+        acks = _Acks(len(outcomes), asyncio.get_running_loop().create_future())
+        reply = f"{self._inbox}.{key}."
+        publish = nc.publish
         self._pending[key] = acks
         try:
             try:
-                conn.send(data)
-                await conn.writer.drain()  # back-pressure: a slow server slows us down
-            except (ConnectionError, OSError, RuntimeError) as ex:
-                acks.give_up(f"the connection failed while publishing: {ex}")
+                for i, subject, payload, msg_id in todo:
+                    acks.left += 1
+                    await publish(subject, payload, reply=reply + str(i), headers={MSG_ID: msg_id})
+            except Exception as ex:  # closed, or the connection failed under us
+                acks.give_up(f"publish failed: {type(ex).__name__}: {ex}")
             acks.sent_all()
             if not acks.done.done():
                 try:
@@ -823,124 +596,140 @@ class NATSSink:
                 except TimeoutError:
                     acks.give_up(f"no ack within {self.options.timeout:g}s")
                     # A server that vanished without closing the socket (a host gone, a
-                    # partition) answers no PING either: drop it so the retry reconnects.
-                    if not conn.closed and not await conn.ping(min(2.0, self.options.timeout)):
-                        self._lost(conn, "no PONG after an ack timeout")
-                        await conn.close()
+                    # partition, a stopped process) answers no PING either: drop it so
+                    # the retry connects afresh.
+                    if nc is self._nc and nc.is_connected:
+                        try:
+                            await nc.flush(timeout=min(2.0, self.options.timeout))
+                        except Exception:
+                            self._drop(nc, "no PONG after an ack timeout")
         finally:
             del self._pending[key]
-        return acks
+        stream, lost = self.options.stream, None
+        for i, *_ in todo:
+            r = acks.replies[i]
+            if r is None:
+                if lost is None:
+                    lost = SinkError(f"not acknowledged: {acks.lost or 'no reply'}")
+                outcomes[i] = lost
+            else:
+                outcomes[i] = _ack_outcome(r, stream)
 
     async def _ensure_ready(self) -> None:
-        if self._ready and self._conn is not None and not self._conn.closed:
+        if self._ready and self._nc is not None and self._nc.is_connected:
             return
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._conn is None or self._conn.closed:
+            if self._nc is None or not self._nc.is_connected:
+                if self._nc is not None:
+                    self._drop(self._nc, "not connected")
                 self._ready = False
-                self._conn = await self._connect()
+                await self._connect()
             if not self._ready:
-                await self._load_stream(self._conn)
+                await self._load_stream()
                 self._ready = True
 
-    async def _connect(self) -> _Conn:
-        """One pass over the servers (in random order, to spread many hosts over a cluster)."""
+    async def _connect(self) -> None:
+        """One connection through nats-py; it tries the servers in random order.
+
+        nats-py's own reconnecting is off: a connection that drops is closed (replies to
+        what was in flight can never come) and the next write makes a new one, which
+        looks the stream up again. So a write never publishes into a half-dead
+        connection's buffer, and the flusher's backoff paces the attempts.
+        """
         o = self.options
-        servers = random.sample(o.servers, len(o.servers))
-        deadline = asyncio.get_running_loop().time() + o.connect_timeout
-        errors = []
-        for server in servers:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                errors.append(f"{server}: no time left (connect_timeout={o.connect_timeout:g}s)")
-                continue
+        nc = self._nats.NATS()
+        errors: list[BaseException] = []
+        kwargs: dict[str, Any] = dict(
+            servers=o.servers, name=o.name, connect_timeout=min(o.connect_timeout, 2.0),
+            allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+            error_cb=self._on_error(nc, errors), disconnected_cb=self._on_lost(nc, "disconnected"),
+            closed_cb=self._on_lost(nc, "closed"),
+            # Subjects are validated when the URL is parsed (and per item for templates).
+            skip_subject_validation=True)
+        if o.user is not None:
+            kwargs.update(user=o.user, password=o.password)
+        if o.token is not None:
+            kwargs["token"] = o.token
+        if self._tls is not None:
+            kwargs["tls"] = self._tls
+        try:
+            await asyncio.wait_for(nc.connect(**kwargs), o.connect_timeout)
+            if not nc._server_info.get("headers"):  # nats-py has no public accessor
+                raise ConnectionError("the server does not support message headers "
+                                      "(NATS 2.2+ needed)")
+            self._nc = nc
+            self._inbox = nc.new_inbox()
+            await nc.subscribe(self._inbox + ".>", cb=self._on_reply,
+                               pending_msgs_limit=-1, pending_bytes_limit=-1)
+        except (Exception, asyncio.CancelledError) as ex:
+            self._nc = None
+            await self._close_quietly(nc)
+            if isinstance(ex, asyncio.CancelledError):
+                raise
+            causes = [e for e in errors if e is not ex] + [ex]
+            text = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in causes))
+            raise SinkError(f"cannot connect to NATS at {', '.join(o.servers)}: {text}") from None
+        if self._down_logged:
+            log.warning("walbatch: connected to NATS again")
+        self._down_logged = False
+
+    async def _load_stream(self) -> None:
+        o = self.options
+        js = self._nc.jetstream(timeout=o.timeout)
+        nats = self._nats
+        try:
             try:
-                conn = await _open(server, o, self._tls, self._inbox, min(left, 2.0),
-                                   self._pending, self._on_msg, self._lost)
-            except (OSError, ConnectionError, TimeoutError, ValueError, ssl.SSLError) as ex:
-                errors.append(f"{server}: {type(ex).__name__}: {ex}")
-                continue
-            if self._down_logged:
-                log.warning("walbatch: connected to NATS at %s again", server)
-            self._down_logged = False
-            return conn
-        raise SinkError("cannot connect to NATS: " + "; ".join(errors))
-
-    async def _request(self, conn: _Conn, subject: str, payload: bytes) -> tuple[bytes | None, bytes]:
-        """A JetStream API request on our inbox; the reply as (header, payload)."""
-        n = next(self._request_ids)
-        fut: asyncio.Future[tuple[bytes | None, bytes]] = asyncio.get_running_loop().create_future()
-        self._requests[n] = fut
-        try:
-            conn.send(b"PUB %s %s.r.%d %d\r\n%s\r\n" % (
-                subject.encode(), self._inbox.encode(), n, len(payload), payload))
-            return await asyncio.wait_for(fut, self.options.timeout)
-        except TimeoutError:
-            raise SinkError(f"no answer from JetStream to {subject} within "
-                            f"{self.options.timeout:g}s") from None
-        except ConnectionError as ex:
-            raise SinkError(f"{subject}: {ex}") from None
-        finally:
-            self._requests.pop(n, None)
-
-    async def _api(self, conn: _Conn, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        header, data = await self._request(conn, subject, json.dumps(body).encode() if body else b"")
-        if not data and _status(header) == "503":
-            raise SinkError(f"JetStream is not available at {conn.server} (no responders to "
-                            f"{subject}): is the server running with JetStream (-js)?")
-        try:
-            resp = json.loads(data)
-        except ValueError:
-            raise SinkError(f"unreadable JetStream reply to {subject}: {data[:200]!r}") from None
-        return resp
-
-    async def _load_stream(self, conn: _Conn) -> None:
-        o = self.options
-        resp = await self._api(conn, f"$JS.API.STREAM.INFO.{o.stream}")
-        err = resp.get("error")
-        if err and err.get("code") == 404:
-            if not o.create:
-                raise SinkError(
-                    f"JetStream stream {o.stream!r} does not exist; create it (subjects "
-                    f"{self._template.filter!r}, see docs/sinks/nats.md) or add ?create=1 to "
-                    "the sink URL")
-            resp = await self._create_stream(conn)
-            err = resp.get("error")
-        if err:
+                info = await js.stream_info(o.stream)
+            except nats.js.errors.NotFoundError:
+                if not o.create:
+                    raise SinkError(
+                        f"JetStream stream {o.stream!r} does not exist; create it (subjects "
+                        f"{self._template.filter!r}, see docs/sinks/nats.md) or add ?create=1 "
+                        "to the sink URL") from None
+                info = await self._create_stream(js)
+        except SinkError:
+            raise
+        except nats.errors.NoRespondersError:
+            raise SinkError(f"JetStream is not available (no responders to $JS.API."
+                            f"STREAM.INFO.{o.stream}): is the server running with JetStream "
+                            "(-js)?") from None
+        except Exception as ex:
             raise SinkError(f"cannot look up JetStream stream {o.stream!r}: "
-                            f"{err.get('description')} (code {err.get('code')})")
-        cfg = resp.get("config") or {}
-        self._filters = list(cfg.get("subjects") or [])
+                            f"{type(ex).__name__}: {ex}") from None
+        cfg = info.config
+        self._filters = list(cfg.subjects or [])
         self._bound.clear()
-        limits = [s for s in (conn.max_payload, cfg.get("max_msg_size", -1)) if s is not None and s >= 0]
+        limits = [s for s in (self._nc.max_payload, cfg.max_msg_size) if s is not None and s >= 0]
         self._max_size = min(limits) if limits else -1
         if self._template.literal is not None and not self._is_bound(self._template.literal):
             log.error("walbatch: subject %r is not bound to JetStream stream %r (subjects: %s); "
                       "every item will be dead-lettered", self._template.literal, o.stream,
                       ", ".join(self._filters) or "none")
-        self._check_window((cfg.get("duplicate_window") or 0) / 1e9)
+        self._check_window(cfg.duplicate_window or 0.0)
 
-    async def _create_stream(self, conn: _Conn) -> dict[str, Any]:
+    async def _create_stream(self, js: Any) -> Any:
         o = self.options
+        api = self._nats.js.api
         window = o.dup_window if o.dup_window is not None else o.horizon
-        config = {"name": o.stream, "subjects": [self._template.filter], "retention": "limits",
-                  "storage": o.storage, "num_replicas": o.replicas, "discard": "old",
-                  "max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msg_size": -1,
-                  "max_consumers": -1, "duplicate_window": int(window * 1e9)}
-        resp = await self._api(conn, f"$JS.API.STREAM.CREATE.{o.stream}", config)
-        err = resp.get("error")
-        if err:
+        config = api.StreamConfig(
+            name=o.stream, subjects=[self._template.filter],
+            retention=api.RetentionPolicy.LIMITS, discard=api.DiscardPolicy.OLD,
+            storage=api.StorageType.FILE if o.storage == "file" else api.StorageType.MEMORY,
+            num_replicas=o.replicas, duplicate_window=window)
+        try:
+            info = await js.add_stream(config)
+        except self._nats.js.errors.BadRequestError as ex:
             # Another walbatch host may have created it first: use what is there (the
             # window check still applies). Anything else is worth a retry and a log line.
-            info = await self._api(conn, f"$JS.API.STREAM.INFO.{o.stream}")
-            if not info.get("error"):
-                return info
-            raise SinkError(f"cannot create JetStream stream {o.stream!r}: "
-                            f"{err.get('description')} (code {err.get('code')})")
+            try:
+                return await js.stream_info(o.stream)
+            except Exception:
+                raise SinkError(f"cannot create JetStream stream {o.stream!r}: {ex}") from None
         log.info("walbatch: created JetStream stream %r (subjects %r, %s, R%d, duplicate window %s)",
                  o.stream, self._template.filter, o.storage, o.replicas, _fmt_duration(window))
-        return resp
+        return info
 
     def _check_window(self, window: float) -> None:
         horizon = self.options.horizon
@@ -956,49 +745,65 @@ class NATSSink:
             self.options.stream, _fmt_duration(window), _fmt_duration(horizon),
             self.options.stream, _fmt_duration(horizon))
 
-    def _on_msg(self, subject: bytes, header: bytes | None, payload: bytes) -> None:
-        """Replies off the hot path: API answers, and acks with a header (no responders)."""
-        # <inbox>.<batch key>.<index in batch>, or <inbox>.r.<request id>
-        key, _, index = subject[self._inbox_len:].partition(b".")
-        try:
-            if key == b"r":
-                fut = self._requests.get(int(index))
-                if fut is not None and not fut.done():
-                    fut.set_result((header, payload))
-                return
-            acks = self._pending.get(key)
-            if acks is not None:
-                if header is None:
-                    acks.add(int(index), payload, 0, len(payload))
-                else:
-                    acks.add_with_header(int(index), header, payload)
-        except ValueError:
-            pass  # not a reply we asked for
+    async def _on_reply(self, msg: Any) -> None:
+        # <inbox>.<batch key>.<index in batch>
+        key, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
+        acks = self._pending.get(key)
+        if acks is not None:  # else a late ack of a batch that gave up; its retry is deduplicated
+            try:
+                acks.add(int(index), msg)
+            except (ValueError, IndexError):
+                pass  # not a reply we asked for
 
-    def _lost(self, conn: _Conn, reason: str) -> None:
-        if conn is not self._conn:
+    def _on_error(self, nc: Any, errors: list[BaseException]) -> Callable[[BaseException], Any]:
+        async def error_cb(ex: BaseException) -> None:
+            if nc is not self._nc:  # still connecting: collected for the SinkError
+                errors.append(ex)
+            elif not self._closed:  # e.g. a permissions violation on the subject
+                log.warning("walbatch: NATS: %s: %s", type(ex).__name__, ex)
+        return error_cb
+
+    def _on_lost(self, nc: Any, what: str) -> Callable[[], Any]:
+        async def lost_cb() -> None:
+            self._drop(nc, what)
+        return lost_cb
+
+    def _drop(self, nc: Any, reason: str) -> None:
+        """Forget a connection that failed; fail what waits on it; close it in the background."""
+        if nc is not self._nc:
             return
-        self._conn = None
+        self._nc = None
         self._ready = False
         if not self._closed and not self._down_logged:
             self._down_logged = True
-            log.warning("walbatch: lost the connection to NATS at %s: %s; the next write "
-                        "reconnects", conn.server, reason)
+            log.warning("walbatch: lost the connection to NATS (%s); the next write reconnects",
+                        reason)
         # Replies to what is in flight will never come on this connection: fail those
         # batches now instead of waiting out the timeout. JetStream may have stored some;
         # the retry carries the same ids and the duplicate window drops them.
         for acks in list(self._pending.values()):
             acks.give_up(f"connection to NATS lost ({reason})")
-        for fut in list(self._requests.values()):
-            if not fut.done():
-                fut.set_exception(ConnectionError(f"connection to NATS lost ({reason})"))
+        if not nc.is_closed:
+            asyncio.get_running_loop().create_task(self._close_quietly(nc))
 
-    async def _shutdown(self) -> None:
+    @staticmethod
+    async def _close_quietly(nc: Any, timeout: float = 2.0) -> None:
+        try:
+            await asyncio.wait_for(nc.close(), timeout)
+        except (Exception, asyncio.CancelledError):
+            pass
+
+    async def _shutdown(self, timeout: float) -> None:
         for acks in list(self._pending.values()):
             acks.give_up("the NATS sink is closing")
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                if nc.is_connected:
+                    await nc.flush(timeout=min(2.0, timeout))
+            except Exception:
+                pass
+            await self._close_quietly(nc, timeout)
 
 
 def _fmt_duration(seconds: float) -> str:
