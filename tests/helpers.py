@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import textwrap
 import threading
 
 FAST = {"max_delay": 0.01, "retry_initial_delay": 0.001, "retry_max_delay": 0.01,
@@ -40,3 +42,57 @@ class Collector:
     def sizes(self) -> list[int]:
         with self.lock:
             return [len(recs) for _, _, recs in self.batches]
+
+
+# ---------------------------------------------------------------- kill -9 harness
+
+def acking_writer(options: dict) -> str:
+    """Source of a child process that submits to a DurableBatcher until it is killed.
+
+    Run as ``python -c SCRIPT LOG_DIR SINK_URL ACKS CYCLE``. Two threads submit
+    items ``{"id", "p"}`` (one by one, and every fifth time 15 in one submit_many)
+    and append each id to ``ACKS.CYCLE.THREAD`` only after its acknowledgement.
+    It prints ``ready`` once the batcher is open.
+    """
+    return textwrap.dedent("""
+        import logging, sys, threading
+        from walbatch import DurableBatcher
+        logging.getLogger("walbatch").setLevel(logging.ERROR)  # retries are expected here
+        log_dir, sink, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+        b = DurableBatcher(log_dir, sink, **OPTIONS)
+        def work(t):
+            with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
+                k = 0
+                while True:
+                    if k % 5 == 2:
+                        items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j * 7 % 90)}
+                                 for j in range(15)]
+                        b.submit_many(items)
+                        f.write("".join(i["id"] + "\\n" for i in items))
+                    else:
+                        item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 80)}
+                        b.submit(item)
+                        f.write(item["id"] + "\\n")
+                    k += 1
+        for t in range(2):
+            threading.Thread(target=work, args=(t,), daemon=True).start()
+        print("ready", flush=True)
+        threading.Event().wait()
+    """).replace("**OPTIONS", "**" + repr(options))
+
+
+def payload_ok(item_id: str, p: str) -> bool:
+    """Whether ``p`` is the payload acking_writer gave the item ``item_id``."""
+    parts = item_id.split("-")
+    if len(parts) == 4:
+        return p == "x" * (int(parts[3]) * 7 % 90)
+    return p == "y" * (int(parts[2]) % 80)
+
+
+def read_acks(prefix: str) -> set[str]:
+    """Every id the writers acknowledged (complete lines of ``PREFIX.*``)."""
+    acked: set[str] = set()
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        with open(path) as f:
+            acked.update(line[:-1] for line in f if line.endswith("\n"))
+    return acked

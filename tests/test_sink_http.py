@@ -23,7 +23,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections import deque
@@ -32,7 +31,7 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
-from helpers import WAIT
+from helpers import WAIT, acking_writer, payload_ok, read_acks
 
 from walbatch import Batch, DeadLettered, DurableBatcher, PermanentSinkError, Record, SinkError
 from walbatch.sinks import sink_from_url
@@ -719,38 +718,9 @@ def test_keys_for_gapped_parts_never_collide_with_contiguous_ones():
 # ----------------------------------------------------------------- kill -9
 
 
-CHILD = textwrap.dedent("""
-    import logging, sys, threading
-    from walbatch import DurableBatcher
-    logging.getLogger("walbatch").setLevel(logging.ERROR)  # retries are expected here
-    log_dir, url, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    b = DurableBatcher(log_dir, url, max_items=64, max_delay=0.005, segment_bytes=16384,
-                       checkpoint_interval=0.002, retry_initial_delay=0.002, retry_max_delay=0.02,
-                       flush_concurrency=2)
-    def work(t):
-        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
-            k = 0
-            while True:
-                if k % 5 == 2:
-                    items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j * 7 % 90)} for j in range(15)]
-                    b.submit_many(items)
-                    f.write("".join(i["id"] + "\\n" for i in items))
-                else:
-                    item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 80)}
-                    b.submit(item)
-                    f.write(item["id"] + "\\n")
-                k += 1
-    for t in range(2):
-        threading.Thread(target=work, args=(t,), daemon=True).start()
-    threading.Event().wait()
-""")
-
-
-def payload_ok(item: dict[str, str]) -> bool:
-    parts = item["id"].split("-")
-    if len(parts) == 4:
-        return item["p"] == "x" * (int(parts[3]) * 7 % 90)
-    return item["p"] == "y" * (int(parts[2]) % 80)
+CHILD = acking_writer(dict(max_items=64, max_delay=0.005, segment_bytes=16384,
+                           checkpoint_interval=0.002, retry_initial_delay=0.002,
+                           retry_max_delay=0.02, flush_concurrency=2))
 
 
 def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api, tmp_path):
@@ -792,11 +762,7 @@ def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api, tm
     with DurableBatcher(log_dir, url) as b:
         b.flush(timeout=60)
         stats = b.stats()
-    acked: set[str] = set()
-    for name in os.listdir(directory):
-        if name.startswith("acks."):
-            with open(os.path.join(directory, name)) as f:
-                acked.update(line[:-1] for line in f if line.endswith("\n"))
+    acked = read_acks(acks)
     stored = api.stored()
     ids = [item["id"] for item in stored.values()]
     summary = (f"seed={seed} cycles={cycles} acknowledged={len(acked)} stored={len(stored)} "
@@ -808,6 +774,6 @@ def test_kill_9_mid_delivery_loses_nothing_and_the_server_keeps_one_copy(api, tm
     missing = acked - set(ids)
     assert not missing, f"{len(missing)} acknowledged items never arrived: {sorted(missing)[:5]}; {summary}"
     assert len(ids) == len(set(ids)), f"an item was stored under two identities; {summary}"
-    assert all(payload_ok(item) for item in stored.values()), summary
+    assert all(payload_ok(item["id"], item["p"]) for item in stored.values()), summary
     assert stats.submitted == stats.delivered + stats.dead_lettered + stats.pending
     assert stats.pending == 0 and stats.dead_lettered == 0, summary

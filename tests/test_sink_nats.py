@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import glob
 import json
 import logging
 import pathlib
@@ -20,13 +19,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
 import msgpack
 import pytest
-from helpers import WAIT
+from helpers import WAIT, acking_writer, read_acks
 from nats_server import NatsCluster, NatsServer, require_binary
 
 from walbatch import Batch, DurableBatcher, PermanentSinkError, Record, SinkError
@@ -541,29 +539,7 @@ def test_r3_cluster_loses_a_node_mid_delivery_nothing_lost_or_duplicated(tmp_pat
         cluster.cleanup()
 
 
-CHILD = textwrap.dedent("""
-    import sys, threading
-    from walbatch import DurableBatcher
-    log_dir, sink, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    b = DurableBatcher(log_dir, sink, **OPTS)
-    def work(t):
-        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
-            k = 0
-            while True:
-                if k % 5 == 3:
-                    items = [{"id": f"{cycle}-{t}-{k}-{j}"} for j in range(20)]
-                    b.submit_many(items)
-                    f.write("".join(i["id"] + "\\n" for i in items))
-                else:
-                    item = {"id": f"{cycle}-{t}-{k}"}
-                    b.submit(item)
-                    f.write(item["id"] + "\\n")
-                k += 1
-    for t in range(2):
-        threading.Thread(target=work, args=(t,), daemon=True).start()
-    print("ready", flush=True)
-    threading.Event().wait()
-""").replace("**OPTS", "**" + repr(RETRY))
+CHILD = acking_writer(RETRY)
 
 
 def test_kill_9_mid_delivery_every_acked_item_in_the_stream_once(server, tmp_path):
@@ -582,10 +558,7 @@ def test_kill_9_mid_delivery_every_acked_item_in_the_stream_once(server, tmp_pat
     with DurableBatcher(log_dir, url, **RETRY) as b:
         b.flush(timeout=WAIT * 2)
         stats = b.stats()
-    acked: set[str] = set()
-    for path in glob.glob(acks + ".*"):
-        with open(path) as f:
-            acked.update(line[:-1] for line in f if line.endswith("\n"))
+    acked = read_acks(acks)
     msgs = read_stream(server.url, "KILL")
     ids = ids_in(msgs)
     assert len(acked) > 500  # the children got real work done

@@ -7,20 +7,18 @@ bound, the CLI, and kill -9 of a writer mid-delivery.
 
 from __future__ import annotations
 
-import glob
 import os
 import random
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import uuid
 
 import pytest
 from click.testing import CliRunner
-from helpers import WAIT
+from helpers import WAIT, acking_writer, payload_ok, read_acks
 from pg_server import postgres_fixture  # noqa: F401 - the `postgres` fixture
 
 from walbatch import Batch, DeadLettered, DurableBatcher, PermanentSinkError, Record, SinkError
@@ -416,28 +414,7 @@ def test_walbatch_replay_delivers_a_log_to_postgresql(postgres, query, table, tm
 KILL_OPTS = dict(max_delay=0.005, max_items=50, checkpoint_interval=0.001, flush_concurrency=2,
                  retry_initial_delay=0.01, retry_max_delay=0.1)
 
-WRITER = textwrap.dedent("""
-    import sys, threading
-    from walbatch import DurableBatcher
-    log_dir, sink, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    b = DurableBatcher(log_dir, sink, **OPTS)
-    def work(t):
-        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
-            k = 0
-            while True:
-                if k % 5 == 2:
-                    items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * j} for j in range(25)]
-                    b.submit_many(items)
-                    f.write("".join(i["id"] + "\\n" for i in items))
-                else:
-                    item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 30)}
-                    b.submit(item)
-                    f.write(item["id"] + "\\n")
-                k += 1
-    for t in range(2):
-        threading.Thread(target=work, args=(t,), daemon=True).start()
-    threading.Event().wait()
-""").replace("**OPTS", "**" + repr(KILL_OPTS))
+WRITER = acking_writer(KILL_OPTS)
 
 
 def test_kill_9_mid_delivery_loses_and_duplicates_nothing(postgres, query, table, tmp_path):
@@ -460,17 +437,12 @@ def test_kill_9_mid_delivery_loses_and_duplicates_nothing(postgres, query, table
     with DurableBatcher(log_dir, url, **KILL_OPTS) as b:
         b.flush(60)
         stats = b.stats()
-    acked = set()
-    for path in glob.glob(acks + ".*"):
-        with open(path) as f:
-            acked.update(line[:-1] for line in f if line.endswith("\n"))
+    acked = read_acks(acks)
     rows = query(f"SELECT id, p FROM {table}")
     ids = [r[0] for r in rows]
     assert len(acked) > 500, f"too little load to mean anything (seed {seed})"
     assert acked <= set(ids), f"acknowledged but missing (seed {seed}): {sorted(acked - set(ids))[:5]}"
     assert len(ids) == len(set(ids)), f"duplicated rows (seed {seed})"
-    for item_id, p in rows:  # each row carries its own item's payload
-        parts = item_id.split("-")
-        assert p == ("x" * int(parts[3]) if len(parts) == 4 else "y" * (int(parts[2]) % 30))
+    assert all(payload_ok(item_id, p) for item_id, p in rows)  # each row has its own payload
     assert stats.submitted == stats.delivered + stats.dead_lettered + stats.pending
     assert stats.pending == 0 and stats.dead_lettered == 0
