@@ -42,11 +42,10 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from walbatch import DurableBatcher
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_submit import BUSY_CORES, cpu_snapshot, fs_type, other_cpu_cores  # noqa: E402
+from _e2e import BUSY_CORES, cpu_snapshot, drive, log_batcher, other_cpu_cores, threads_label  # noqa: E402
+from bench_submit import fs_type  # noqa: E402
 
 TS = 1700000000.123
 
@@ -200,64 +199,23 @@ def per_item(server: Server, seconds: float, threads: int, base: str) -> dict[st
 
 def walbatch_run(server: Server, workdir: str, seconds: float, *, threads: int, many: int,
                  query: str = "", flush_concurrency: int = 1, label: str = "") -> dict[str, Any]:
-    logdir = tempfile.mkdtemp(prefix="log-", dir=workdir)
     url = f"{server.url}/bulk{query}"
-    counts = [0] * threads
-    errors: list[BaseException] = []
     before = server.totals()["items"]
-    b = DurableBatcher(logdir, url, flush_concurrency=flush_concurrency,
-                       segment_bytes=2 << 20, max_log_bytes=16 << 20, submit_timeout=300)
-    try:
-        barrier = threading.Barrier(threads + 1)
-
-        def run(tid: int) -> None:
-            n = 0
-            i = tid * 1_000_000_000
-            try:
-                barrier.wait()
-                deadline = time.perf_counter() + seconds
-                while time.perf_counter() < deadline:
-                    if many > 1:
-                        b.submit_many([make_item(i + n + j) for j in range(many)])
-                        n += many
-                    else:
-                        b.submit(make_item(i + n))
-                        n += 1
-            except BaseException as ex:
-                errors.append(ex)
-            finally:
-                counts[tid] = n
-
-        ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-        for t in ths:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in ths:
-            t.join()
-        drain_from = time.perf_counter()
-        b.flush(timeout=600)
-        elapsed = time.perf_counter() - start
-        drain = time.perf_counter() - drain_from
-        if errors:
-            raise errors[0]
+    with log_batcher(workdir, url, close_timeout=60, flush_concurrency=flush_concurrency) as b:
+        d = drive(b, seconds, threads=threads, many=many, make_item=make_item,
+                  stride=1_000_000_000, fresh=True)
         sink_stats = b._sink.stats() if hasattr(b, "_sink") else None
-        stats = b.stats()
-    finally:
-        b.close(timeout=60)
-        shutil.rmtree(logdir, ignore_errors=True)
-    n = sum(counts)
+    n = d.items
     got = server.totals()["items"] - before
     if got != n:
         raise RuntimeError(f"the server counted {got} items, {n} were acknowledged")
-    how = (f"submit_many({many})" if many > 1 else "submit()") + \
-        f", {threads} thread{'s' if threads > 1 else ''}"
-    return {"writer": f"walbatch {how}, http sink{label}", "items": n, "seconds": elapsed,
+    how = (f"submit_many({many})" if many > 1 else "submit()") + f", {threads_label(threads)}"
+    return {"writer": f"walbatch {how}, http sink{label}", "items": n, "seconds": d.seconds,
             "requests": sink_stats["requests"] if sink_stats else None,
             "wire_bytes": sink_stats["bytes_sent"] if sink_stats else None,
             "raw_bytes": sink_stats["bytes_raw"] if sink_stats else None,
-            "retries": stats.retries, "batches": sum(stats.batches_by_reason.values()),
-            "drain": drain}
+            "retries": d.stats.retries, "batches": sum(d.stats.batches_by_reason.values()),
+            "drain": d.drain}
 
 
 ROWS: dict[str, Callable[[Server, argparse.Namespace, str], dict[str, Any]]] = {

@@ -44,16 +44,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import nats  # noqa: E402
+from _e2e import BUSY_CORES, cores, cpu_snapshot, drive, log_batcher, threads_label  # noqa: E402
 from nats.js.api import StorageType, StreamConfig  # noqa: E402
 from nats_server import NatsServer, find_binary  # noqa: E402
 
-from walbatch import Batch, DurableBatcher, Record  # noqa: E402
+from walbatch import Batch, Record  # noqa: E402
 from walbatch.sinks.nats import encode_json, from_url  # noqa: E402
 
 TS = 1700000000.123
 TARGET = 20.0
 WINDOW = 600.0  # the streams' duplicate window, seconds (the sink's default horizon)
-BUSY_CORES = 0.15  # warn when other processes used this many cores during a row
 
 
 def item(i: int) -> dict:
@@ -78,50 +78,6 @@ def create_stream(url: str, name: str) -> None:
 
 def count(url: str, name: str) -> int:
     return asyncio.run(_stream(url, name, info=True)).state.messages
-
-
-# ------------------------------------------------- other processes' CPU
-
-
-def _cpu(server_pid: int | None) -> tuple[float, float]:
-    """CPU seconds so far of (kernel threads, nats-server)."""
-    kernel = server = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        used = int(fields[11]) + int(fields[12])  # utime + stime
-        if pid == "2" or fields[1] == "2":  # kthreadd and its children
-            kernel += used
-        elif pid == str(server_pid):
-            server += used
-    tick = os.sysconf("SC_CLK_TCK")
-    return kernel / tick, server / tick
-
-
-def cpu_snapshot(server_pid: int | None) -> tuple[float, float, float] | None:
-    """(CPU s of processes other than us, nats-server and the kernel; nats-server's; wall)."""
-    try:
-        with open("/proc/stat") as f:
-            busy = sum(int(v) for v in f.readline().split()[1:4]) / os.sysconf("SC_CLK_TCK")
-        kernel, server = _cpu(server_pid)
-    except (OSError, ValueError):
-        return None
-    t = os.times()
-    return busy - kernel - server - (t.user + t.system), server, time.monotonic()
-
-
-def cores(before, after) -> tuple[float | None, float | None]:
-    """(other processes' cores, nats-server's cores) between two snapshots."""
-    if before is None or after is None or after[2] <= before[2]:
-        return None, None
-    wall = after[2] - before[2]
-    return max(0.0, (after[0] - before[0]) / wall), (after[1] - before[1]) / wall
 
 
 # -------------------------------------------------------------- per item
@@ -162,48 +118,15 @@ def walbatch_run(server: NatsServer, base: str, seconds: float, *, threads: int,
     name = f"WB{threads}T{many}M{flush_concurrency}C{max_items}"
     create_stream(server.url, name)
     url = f"{server.url}?stream={name}&subject={name.lower()}.in"
-    directory = tempfile.mkdtemp(prefix="log-", dir=base)
-    counts = [0] * threads
-    opts = dict(max_items=max_items, max_delay=0.05, flush_concurrency=flush_concurrency,
-                segment_bytes=2 << 20, max_log_bytes=16 << 20, submit_timeout=300)
-    with DurableBatcher(directory, url, **opts) as b:
-        end_at = [0.0]
-        start = threading.Barrier(threads + 1)
-
-        def run(t: int) -> None:
-            start.wait()
-            n = 0
-            if many > 1:
-                chunk = [item(i) for i in range(many)]
-                while time.perf_counter() < end_at[0]:
-                    b.submit_many(chunk)
-                    n += many
-            else:
-                while time.perf_counter() < end_at[0]:
-                    b.submit(item(n))
-                    n += 1
-            counts[t] = n
-
-        ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-        for th in ths:
-            th.start()
-        end_at[0] = time.perf_counter() + seconds
-        t0 = time.perf_counter()
-        start.wait()
-        for th in ths:
-            th.join()
-        submitted_in = time.perf_counter() - t0
-        b.flush(600)
-        elapsed = time.perf_counter() - t0
-        stats = b.stats()
-    n = sum(counts)
+    with log_batcher(base, url, max_items=max_items, max_delay=0.05,
+                     flush_concurrency=flush_concurrency) as b:
+        d = drive(b, seconds, threads=threads, many=many, make_item=item)
     stored = count(server.url, name)
-    assert stats.delivered == n and stored == n, (stats, stored, n)
-    how = (f"submit_many({many}), {threads} thread{'s' if threads > 1 else ''}" if many > 1
-           else f"submit(), {threads} thread{'s' if threads > 1 else ''}")
+    assert d.stats.delivered == d.items and stored == d.items, (d.stats, stored, d.items)
+    how = (f"submit_many({many})" if many > 1 else "submit()") + f", {threads_label(threads)}"
     return {"writer": f"walbatch: {how}, batches of {max_items}, flush_concurrency={flush_concurrency}",
-            "items": n, "seconds": elapsed, "items_per_s": n / elapsed,
-            "drain_s": elapsed - submitted_in, "retries": stats.retries}
+            "items": d.items, "seconds": d.seconds, "items_per_s": d.items_per_s,
+            "drain_s": d.drain, "retries": d.stats.retries}
 
 
 # ------------------------------------------------------ publish methods alone

@@ -45,9 +45,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import psycopg  # noqa: E402
+from _e2e import BUSY_CORES, cpu_snapshot, drive, log_batcher, other_cpu_cores, threads_label  # noqa: E402
 from pg_server import PostgresServer, require_bindir  # noqa: E402
 
-from walbatch import Batch, DurableBatcher, Record  # noqa: E402
+from walbatch import Batch, Record  # noqa: E402
 from walbatch.sinks.postgresql import PostgreSQLSink  # noqa: E402
 
 TS = 1700000000.123
@@ -69,57 +70,6 @@ def create_table(conninfo: str, table: str) -> None:
 def count(conninfo: str, table: str) -> int:
     with psycopg.connect(conninfo) as c:
         return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
-
-# ------------------------------------------------- other processes' CPU
-
-BUSY_CORES = 0.15  # warn when other processes used this many cores during a row
-
-
-def _proc_cpu(server_pid: int | None) -> tuple[float, float]:
-    """CPU seconds so far of (kernel threads, the PostgreSQL server's processes).
-
-    The server runs in its own session: its live processes share the postmaster's
-    session id, and exited backends are in the postmaster's children's time.
-    """
-    kernel = server = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        used = int(fields[11]) + int(fields[12])  # utime + stime
-        if pid == "2" or fields[1] == "2":  # kthreadd and its children
-            kernel += used
-        elif server_pid is not None and fields[3] == str(server_pid):  # session id
-            server += used
-            if pid == str(server_pid):
-                server += int(fields[13]) + int(fields[14])  # cutime + cstime
-    tick = os.sysconf("SC_CLK_TCK")
-    return kernel / tick, server / tick
-
-
-def cpu_snapshot(server_pid: int | None) -> tuple[float, float] | None:
-    """(CPU seconds of processes other than us, the server and the kernel; wall time)."""
-    try:
-        with open("/proc/stat") as f:
-            busy = sum(int(v) for v in f.readline().split()[1:4]) / os.sysconf("SC_CLK_TCK")
-        kernel, server = _proc_cpu(server_pid)
-    except (OSError, ValueError):
-        return None
-    t = os.times()
-    return busy - kernel - server - (t.user + t.system), time.monotonic()
-
-
-def other_cores(before: tuple[float, float] | None, server_pid: int | None) -> float | None:
-    after = cpu_snapshot(server_pid)
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return max(0.0, (after[0] - before[0]) / (after[1] - before[1]))
 
 
 # -------------------------------------------------------------- per item
@@ -169,50 +119,16 @@ def walbatch_run(server: PostgresServer, base: str, seconds: float, *, threads: 
     table = f"wb_{threads}t_{many}_{flush_concurrency}c_{max_items}{'_jsonb' if jsonb else ''}"
     mode = {"mode": "jsonb"} if jsonb else {"columns": COLUMNS}
     url = server.url(table=table, create="1", pool=str(flush_concurrency), **mode)
-    directory = tempfile.mkdtemp(prefix="log-", dir=base)
-    counts = [0] * threads
-    opts = dict(max_items=max_items, max_delay=0.05, flush_concurrency=flush_concurrency,
-                segment_bytes=2 << 20, max_log_bytes=16 << 20, submit_timeout=300)
-    with DurableBatcher(directory, url, **opts) as b:
-        end_at = [0.0]
-        start = threading.Barrier(threads + 1)
-
-        def run(t: int) -> None:
-            start.wait()
-            n = 0
-            if many > 1:
-                chunk = [item(i) for i in range(many)]
-                while time.perf_counter() < end_at[0]:
-                    b.submit_many(chunk)
-                    n += many
-            else:
-                while time.perf_counter() < end_at[0]:
-                    b.submit(item(n))
-                    n += 1
-            counts[t] = n
-
-        ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-        for th in ths:
-            th.start()
-        end_at[0] = time.perf_counter() + seconds
-        t0 = time.perf_counter()
-        start.wait()
-        for th in ths:
-            th.join()
-        submitted_in = time.perf_counter() - t0
-        b.flush(600)
-        elapsed = time.perf_counter() - t0
-        stats = b.stats()
-    shutil.rmtree(directory, ignore_errors=True)
-    n = sum(counts)
+    with log_batcher(base, url, max_items=max_items, max_delay=0.05,
+                     flush_concurrency=flush_concurrency) as b:
+        d = drive(b, seconds, threads=threads, many=many, make_item=item)
     stored = count(server.conninfo, table)
-    assert stored == n == stats.delivered, (stored, n, stats)
-    how = (f"submit_many({many})" if many > 1 else "submit()") + \
-        f", {threads} thread{'s' if threads > 1 else ''}"
+    assert stored == d.items == d.stats.delivered, (stored, d.items, d.stats)
+    how = (f"submit_many({many})" if many > 1 else "submit()") + f", {threads_label(threads)}"
     how += f", max_items={max_items}, flush_concurrency={flush_concurrency}"
     return {"writer": f"walbatch {how}{', mode=jsonb' if jsonb else ''}",
-            "items": n, "seconds": elapsed, "items_per_s": n / elapsed,
-            "drain_s": elapsed - submitted_in, "fsyncs_per_1k": stats.fsyncs * 1000 / max(1, n)}
+            "items": d.items, "seconds": d.seconds, "items_per_s": d.items_per_s,
+            "drain_s": d.drain, "fsyncs_per_1k": d.stats.fsyncs * 1000 / max(1, d.items)}
 
 
 # ------------------------------------------------------- write methods
@@ -363,9 +279,9 @@ def main() -> None:
         pm = server.proc.pid if server.proc else None
 
         def timed(fn: Callable[[], dict]) -> dict:
-            before = cpu_snapshot(pm)
+            before = cpu_snapshot(pm, session=True)
             row = fn()
-            row["other_cores"] = other_cores(before, pm)
+            row["other_cores"] = other_cpu_cores(before, pm, session=True)
             return row
 
         baseline = timed(partial(per_item, server, args.seconds, 1))

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from _e2e import BUSY_CORES, cpu_snapshot, other_cpu_cores
 from crc32c import crc32c
 
 from walbatch import DurableBatcher
@@ -60,7 +61,6 @@ CEILING_OF = {
     "walbatch-aio": "ceiling-aio",
 }
 
-BUSY_CORES = 0.15  # warn when other processes used this many CPU cores during a row
 
 _FRAME = struct.Struct("<II")  # length, crc32c of the payload
 # One shared Packer: packing these plain dicts runs in C under the GIL, so threads cannot interleave.
@@ -569,48 +569,6 @@ BENCHES: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "walbatch-many": lambda a, d: bench_walbatch_many(d, a.seconds, BATCH),
     "walbatch-aio": lambda a, d: bench_walbatch_tasks(d, a.seconds, TASKS),
 }
-
-
-def _kernel_threads_cpu(tick: int) -> float:
-    """CPU seconds used so far by kernel threads (children of kthreadd, pid 2)."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if pid == "2" or fields[1] == "2":  # ppid
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / tick
-
-
-def cpu_snapshot() -> tuple[float, float] | None:
-    """(CPU seconds of user processes other than this one, so far; wall time), or None.
-
-    Machine-wide user+nice+system time, less this process and less kernel threads (which
-    our own fsyncs keep busy: journal commits, block I/O workers).
-    """
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:4]]
-        kernel = _kernel_threads_cpu(tick)
-    except (OSError, ValueError):
-        return None
-    t = os.times()
-    return sum(vals) / tick - kernel - (t.user + t.system), time.monotonic()
-
-
-def other_cpu_cores(before: tuple[float, float] | None) -> float | None:
-    """How many CPU cores other user processes kept busy, on average, since ``before``."""
-    after = cpu_snapshot()
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return max(0.0, (after[0] - before[0]) / (after[1] - before[1]))
 
 
 def fs_type(path: str) -> str:
