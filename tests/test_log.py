@@ -953,3 +953,20 @@ def test_crash_keeps_every_synced_record_and_reuses_no_seq(
     assert log.next_seq == len(got) + 1
     log.close()
 
+
+
+def test_the_active_segment_is_written_with_o_dsync_so_sync_may_skip_fdatasync(tmp_path):
+    """Log.sync() issues no fdatasync for an O_DSYNC handle: that is only sound if the
+    kernel syncs each write, so check the flag on the open file, first and after a roll."""
+    import fcntl
+
+    log = Log.open(str(tmp_path / "log"), segment_bytes=256)
+    try:
+        for i in range(20):
+            log.append(msgpack.packb({"i": i, "pad": "x" * 40}), 1)
+            log.sync()
+            assert fcntl.fcntl(log._fh.fd, fcntl.F_GETFL) & os.O_DSYNC, f"after append {i}"
+        assert len(log.segments()) > 1  # rolled at least once
+        assert log.synced_seq == 20
+    finally:
+        log.close()

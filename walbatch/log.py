@@ -423,12 +423,15 @@ class Log:
         return first
 
     def sync(self) -> None:
-        """fdatasync the active segment: every appended record becomes durable."""
+        """Make every appended record durable: fdatasync the active segment, unless its
+        writes are synchronous already (O_DSYNC), in which case they were durable when
+        append returned and this only publishes them."""
         self._check_usable()
         if self._fh is None:
             return
         try:
-            self._fh.sync()
+            if not getattr(self._fh, "dsync", False):
+                self._fh.sync()
         except OSError as ex:
             self._fail(ex)
             raise LogFailed(
@@ -528,7 +531,7 @@ class Log:
             last = self._segments[-1]
             if last.size < self.segment_bytes and not last.sealed:
                 try:
-                    self._fh = self.fs.open_append(last.path)
+                    self._fh = self.fs.open_append(last.path, dsync=True)
                 except OSError as ex:
                     raise LogWriteError(f"reopening segment {last.path} failed: {ex}") from ex
                 self._active_size = last.size
@@ -539,7 +542,7 @@ class Log:
             self.sync()
         path = os.path.join(self.segdir, segment_name(self.next_seq))
         try:
-            fh = self.fs.open_append(path)
+            fh = self.fs.open_append(path, dsync=True)
         except OSError as ex:  # nothing was created: a clean, retryable write error
             raise LogWriteError(f"creating segment {path} failed: {ex}") from ex
         try:

@@ -157,7 +157,9 @@ class SimFileSystem:
 
     # ------------------------------------------------------------ the seam
 
-    def open_append(self, path: str) -> _Handle:
+    def open_append(self, path: str, dsync: bool = False) -> _Handle:
+        # dsync is not simulated: the handle says so (no ``dsync``), and the log
+        # then calls sync() itself, which this layer tracks.
         with self._mu:
             inode = self.names.get(path)
             if inode is None:
