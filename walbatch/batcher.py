@@ -147,11 +147,7 @@ class KeyedPolicies(Generic[T]):
         policy = self._open.get(key)
         if policy is None:
             if len(self._open) >= self.max_keys:
-                oldest = next(iter(self._open))
-                closed = self._open.pop(oldest).take("keys")
-                if closed is not None:
-                    self._count -= len(closed.items)
-                    out.append(closed)
+                out.append(self._pop(next(iter(self._open)), "keys"))
             policy = self._open[key] = BatchPolicy(self.max_items, self.max_bytes, self.max_delay,
                                                    key=key)
         closed_now = policy.add(item, size, now)
@@ -169,13 +165,15 @@ class KeyedPolicies(Generic[T]):
 
     def poll(self, now: float) -> list[ClosedBatch[T]]:
         """Close every keyed batch whose time is up."""
-        out = []
-        for key in [k for k, p in self._open.items() if (d := p.deadline()) is not None and now >= d]:
-            closed = self._open.pop(key).take("time")
-            if closed is not None:
-                self._count -= len(closed.items)
-                out.append(closed)
-        return out
+        due = [k for k, p in self._open.items() if (d := p.deadline()) is not None and now >= d]
+        return [self._pop(key, "time") for key in due]
+
+    def _pop(self, key: Any, reason: str) -> ClosedBatch[T]:
+        """Close an open keyed batch (never empty: empty ones are dropped at once)."""
+        closed = self._open.pop(key).take(reason)
+        assert closed is not None
+        self._count -= len(closed.items)
+        return closed
 
     def take_all(self, reason: str) -> list[ClosedBatch[T]]:
         """Close every open keyed batch now (flush, shutdown, replay), oldest first."""

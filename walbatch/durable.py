@@ -54,8 +54,6 @@ def _encode(item: Any) -> bytes:
 
 def _encode_keyed(item: Any, key: Any) -> bytes:
     """One keyed item's encoding (see walbatch.keys)."""
-    if key is None:
-        return _encode(item)
     check_key(key)
     return _encode(wrap(_encode(key), _encode(item)))
 
@@ -368,16 +366,7 @@ class DurableBatcher:
         """
         data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
-        if self._closing:
-            raise Closed("the batcher is closed; the item was not written")
-        loop = asyncio.get_running_loop()
-        q = self._aio_state.get(loop) or self._aio_queue(loop)
-        fut = loop.create_future()
-        q.entries.append((data, 1, fut, False))
-        if not q.running:
-            q.running = True
-            loop.create_task(self._aio_drain(loop, q))
-        return await fut
+        return await self._aio_enqueue(data, 1, False)
 
     async def asubmit_many(self, items: Iterable[Any],
                            key: str | int | bytes | None = None) -> Receipts:
@@ -388,7 +377,12 @@ class DurableBatcher:
         _check_frame_size(len(payload))
         return await self._aio_enqueue(payload, count, True)
 
-    async def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> Any:
+    def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> asyncio.Future[Any]:
+        """Queue a payload for this loop's next group commit; the future gets its receipt(s).
+
+        A plain function returning the future, not a coroutine: one coroutine per
+        asubmit is already the largest cost on that path.
+        """
         if self._closing:
             raise Closed("the batcher is closed; the item was not written")
         loop = asyncio.get_running_loop()
@@ -398,7 +392,7 @@ class DurableBatcher:
         if not q.running:
             q.running = True
             loop.create_task(self._aio_drain(loop, q))
-        return await fut
+        return fut
 
     def _aio_queue(self, loop: asyncio.AbstractEventLoop) -> _AioQueue:
         q = self._aio_state[loop] = _AioQueue()

@@ -387,13 +387,12 @@ class Flusher:
             return  # shutting down: the rest stays in the log
         with self._cv:
             self.batches_by_reason[closed.reason] = self.batches_by_reason.get(closed.reason, 0) + 1
+        # A backlog is fed many batches per loop turn: save progress as it is made
+        # (rate-limited), so repeated crashes during a long replay still move forward.
+        self._write_checkpoint()
         if self._pool is None:
             self._deliver(closed)
-            # A backlog is fed many batches per loop turn: save progress as it is made,
-            # so repeated crashes during a long replay still move forward.
-            self._write_checkpoint()
             return
-        self._write_checkpoint()
         key = closed.key
         slots = self.opts.flush_concurrency
         with self._cv:
@@ -413,10 +412,11 @@ class Flusher:
                 self._cv.wait()
         self._pool.submit(self._deliver_in_pool, closed)
 
-    def _deliver_in_pool(self, closed: ClosedBatch[Record] | None) -> None:
+    def _deliver_in_pool(self, first: ClosedBatch[Record]) -> None:
         """Deliver a batch, then the batches of its key that queued up meanwhile, in order."""
         self._delivery_thread.active = True
-        key = closed.key if closed is not None else None
+        key = first.key
+        closed: ClosedBatch[Record] | None = first
         try:
             while closed is not None:
                 if not self._abandoned:
@@ -444,6 +444,7 @@ class Flusher:
             self._delivery_thread, "active", False)
 
     def _deliver(self, closed: ClosedBatch[Record]) -> None:
+        """Deliver one batch until every record is taken or dead-lettered (or shutdown)."""
         records = closed.items
         first, last = records[0].seq, records[-1].seq
         key = closed.key
@@ -462,7 +463,6 @@ class Flusher:
                     attempt += 1
             coalesced = len(records) - len(todo)
             attempt = 1
-        delivered = coalesced
         dead: dict[int, str] = {}
         while todo:
             batch = Batch(todo, self.log_id, closed.reason, attempt, key, first, last, coalesced)
@@ -484,7 +484,6 @@ class Flusher:
                 continue
             self._sink_answered(ok=True, latency=time.monotonic() - t0,
                                 full=closed.reason == "size" and attempt == 1)
-            delivered += len(todo) - len(failed)
             retry: list[Record] = []
             for rec, ex in failed:
                 if (isinstance(ex, SinkError) and ex.retryable
@@ -501,10 +500,7 @@ class Flusher:
         if coalesced:
             with self._cv:
                 self.coalesced += coalesced
-        if last - first + 1 == len(records):
-            self._complete(first, last, delivered, len(dead), dead)
-        else:
-            self._complete_runs(records, dead)  # a keyed batch: its seqs interleave with others
+        self._complete_records(records, dead)
 
     def _combine(self, closed: ClosedBatch[Record]) -> list[Record]:
         """Run the combine hook; check it only dropped records or changed items."""
@@ -643,20 +639,28 @@ class Flusher:
             self._completed[first] = (last, delivered, dead_n)
             self._advance(delivered, dead_n, dead)
 
-    def _complete_runs(self, records: list[Record], dead: dict[int, str]) -> None:
-        """Complete a batch whose seqs are not contiguous, one run of consecutive seqs at a time."""
-        runs: list[tuple[int, int, int, int]] = []
-        start = prev = records[0].seq
-        for rec in records[1:]:
-            if rec.seq != prev + 1:
-                runs.append((start, prev, 0, 0))
-                start = rec.seq
-            prev = rec.seq
-        runs.append((start, prev, 0, 0))
+    def _complete_records(self, records: list[Record], dead: dict[int, str]) -> None:
+        """Complete a delivered batch: every record not in ``dead`` was taken.
+
+        A keyed batch's seqs interleave with other keys', so it completes one run of
+        consecutive seqs at a time; an unkeyed batch is a single run.
+        """
+        first, last = records[0].seq, records[-1].seq
+        if last - first + 1 == len(records):
+            runs = [(first, last)]
+        else:
+            runs = []
+            start = prev = first
+            for rec in records[1:]:
+                if rec.seq != prev + 1:
+                    runs.append((start, prev))
+                    start = rec.seq
+                prev = rec.seq
+            runs.append((start, prev))
         with self._cv:
-            for first, last, _, _ in runs:
-                x = sum(1 for s in dead if first <= s <= last) if dead else 0
-                self._completed[first] = (last, last - first + 1 - x, x)
+            for a, b in runs:
+                x = len(dead) if len(runs) == 1 else sum(1 for s in dead if a <= s <= b)
+                self._completed[a] = (b, b - a + 1 - x, x)
             self._advance(len(records) - len(dead), len(dead), dead)
 
     def _advance(self, delivered: int, dead_n: int, dead: dict[int, str]) -> None:

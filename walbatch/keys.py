@@ -4,7 +4,8 @@ A keyed item is stored as one msgpack extension value (type ``KEY_EXT``) whose
 data is the key's encoding followed by the item's. Unkeyed items are stored
 exactly as before, so keys cost nothing to those who do not use them, and a
 log written before keys existed reads the same. The extension code is reserved:
-an item that is itself a ``msgpack.ExtType`` with this code cannot be submitted.
+a foreign ``msgpack.ExtType`` with this code that does not parse as a key and
+an item is passed through unchanged (see docs/format.md).
 """
 
 from __future__ import annotations

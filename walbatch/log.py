@@ -349,7 +349,7 @@ class Log:
                     rec.torn(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason)
                     size = scan.tail_at
                 else:
-                    # Not torn: the checkpoint saw records past this point durable.
+                    # Not torn: the high-water mark says records past this point were durable.
                     lost_to = next_first - 1 if next_first is not None else max(
                         expected - 1, high_water)
                     damaged_last = damaged_last or is_last
@@ -366,11 +366,11 @@ class Log:
                                         sealed=damaged_last or bool(scan.header_error)))
         if high_water > expected - 1 and not any(r.last >= high_water for r in rec.lost):
             # Truncated at a frame boundary (or a segment deleted): the log ends
-            # before the checkpoint said it was durable.
+            # before the high-water mark said it was durable.
             at = segments[-1].path if segments else segdir
             rec.damage(at, segments[-1].size if segments else 0, 0,
                        f"records {expected}..{high_water} are missing: the log ends before "
-                       "the checkpoint's high-water mark", (expected, high_water))
+                       "its high-water mark (checkpoint or synced marker)", (expected, high_water))
             if segments:
                 segments[-1].sealed = True
         expected = max(expected, high_water + 1)
