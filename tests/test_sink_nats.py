@@ -196,15 +196,11 @@ def test_subject_matching_follows_nats_wildcards():
     assert subject_matches("a.b", "a.b") and not subject_matches("a.b", "a.c")
 
 
-def test_no_nats_server_skips_or_fails_when_ci_requires_it(monkeypatch):
+def test_no_nats_server_skips_with_the_install_hint(monkeypatch):
     import nats_server
 
     monkeypatch.setattr(nats_server, "find_binary", lambda: None)
-    monkeypatch.delenv("WALBATCH_REQUIRE_SERVERS", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="nats-server not found"):
-        nats_server.require_binary()
-    monkeypatch.setenv("WALBATCH_REQUIRE_SERVERS", "1")
-    with pytest.raises(pytest.fail.Exception, match="WALBATCH_REQUIRE_SERVERS=1 but nats-server"):
+    with pytest.raises(pytest.skip.Exception, match="nats-server not found.*apt-get install"):
         nats_server.require_binary()
 
 
