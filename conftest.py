@@ -9,8 +9,13 @@ a failure, with the skip's reason. Expected failures (xfail) are left alone.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# tests/helpers.py (fixtures' building blocks, the kill -9 writer) serves crashtests/ too.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
 pytest_plugins = ["pytester"]  # for the test of the hooks below
 

@@ -194,35 +194,28 @@ def methods(server: PostgresServer, seconds: float) -> list[dict]:
                     cp.write_row(r)
         return write
 
-    def copy_stage(table: str) -> Callable[[Batch], None]:
-        c = conn()
-        c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
+    def via_staging(move: str) -> Callable[[str], Callable[[Batch], None]]:
+        """COPY into a temp staging table, then ``move`` (SQL with {table}) into the target."""
+        def make(table: str) -> Callable[[Batch], None]:
+            c = conn()
+            c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} "
+                      "WITH NO DATA")
 
-        def write(batch: Batch) -> None:
-            rows = tuples(batch)
-            with c.transaction():
-                cur = c.cursor()
-                with cur.copy("COPY st FROM STDIN") as cp:
-                    for r in rows:
-                        cp.write_row(r)
-                cur.execute(f"INSERT INTO {table} SELECT * FROM st "
-                            "ON CONFLICT (_log_id, _seq) DO NOTHING")
-        return write
+            def write(batch: Batch) -> None:
+                rows = tuples(batch)
+                with c.transaction():
+                    cur = c.cursor()
+                    with cur.copy("COPY st FROM STDIN") as cp:
+                        for r in rows:
+                            cp.write_row(r)
+                    cur.execute(move.format(table=table))
+            return write
+        return make
 
-    def copy_move(table: str) -> Callable[[Batch], None]:
-        c = conn()
-        c.execute(f"CREATE TEMP TABLE st ON COMMIT DELETE ROWS AS SELECT * FROM {table} WITH NO DATA")
-
-        def write(batch: Batch) -> None:
-            rows = tuples(batch)
-            with c.transaction():
-                cur = c.cursor()
-                with cur.copy("COPY st FROM STDIN") as cp:
-                    for r in rows:
-                        cp.write_row(r)
-                cur.execute(f"WITH m AS (DELETE FROM st RETURNING *) INSERT INTO {table} "
+    copy_stage = via_staging("INSERT INTO {table} SELECT * FROM st "
+                             "ON CONFLICT (_log_id, _seq) DO NOTHING")
+    copy_move = via_staging("WITH m AS (DELETE FROM st RETURNING *) INSERT INTO {table} "
                             "SELECT * FROM m ON CONFLICT (_log_id, _seq) DO NOTHING")
-        return write
 
     def unnest(table: str) -> Callable[[Batch], None]:
         c = conn()

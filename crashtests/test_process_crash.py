@@ -13,7 +13,6 @@ no duplicates; the stats tally holds.
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import sqlite3
@@ -23,32 +22,13 @@ import tempfile
 import textwrap
 import time
 
+from helpers import acking_writer, payload_ok, read_acks
+
 from walbatch import DurableBatcher
 
 OPTS = dict(max_delay=0.005, segment_bytes=4096, max_log_bytes=1 << 30, checkpoint_interval=0.001)
 
-EMBEDDED = textwrap.dedent("""
-    import sys, threading
-    from walbatch import DurableBatcher
-    log_dir, sink, acks, cycle = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    b = DurableBatcher(log_dir, sink, **OPTS)
-    def work(t):
-        with open(f"{acks}.{cycle}.{t}", "a", buffering=1) as f:
-            k = 0
-            while True:
-                if k % 7 == 3:
-                    items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j % 50)} for j in range(20)]
-                    b.submit_many(items)
-                    f.write("".join(i["id"] + "\\n" for i in items))
-                else:
-                    item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 60)}
-                    b.submit(item)
-                    f.write(item["id"] + "\\n")
-                k += 1
-    for t in range(4):
-        threading.Thread(target=work, args=(t,), daemon=True).start()
-    threading.Event().wait()
-""").replace("**OPTS", "**" + repr(OPTS))
+EMBEDDED = acking_writer(OPTS, threads=4)
 
 CLIENT = textwrap.dedent("""
     import sys, threading
@@ -61,11 +41,13 @@ CLIENT = textwrap.dedent("""
             while True:
                 try:
                     if k % 5 == 0:
-                        items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "z" * j} for j in range(30)]
+                        # The payloads of tests/helpers.acking_writer, so payload_ok checks both.
+                        items = [{"id": f"{cycle}-{t}-{k}-{j}", "p": "x" * (j * 7 % 90)}
+                                 for j in range(30)]
                         c.submit_many(items)
                         f.write("".join(i["id"] + "\\n" for i in items))
                     else:
-                        item = {"id": f"{cycle}-{t}-{k}", "p": "w" * (k % 40)}
+                        item = {"id": f"{cycle}-{t}-{k}", "p": "y" * (k % 80)}
                         c.submit(item)
                         f.write(item["id"] + "\\n")
                 except WalbatchError:
@@ -77,21 +59,11 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def payload_ok(item_id: str, p: str) -> bool:
-    parts = item_id.split("-")
-    if len(parts) == 4:
-        return p == "x" * (int(parts[3]) % 50) or p == "z" * int(parts[3])
-    return p in ("y" * (int(parts[2]) % 60), "w" * (int(parts[2]) % 40))
-
-
 def check(directory: str, db: str, acks: str, scenario) -> None:
     with DurableBatcher(os.path.join(directory, "log"), f"sqlite:///{db}?table=t", **OPTS) as b:
         b.flush(timeout=120)
         stats = b.stats()
-    acked = set()
-    for path in glob.glob(acks + ".*"):
-        with open(path) as f:
-            acked.update(line[:-1] for line in f if line.endswith("\n"))
+    acked = read_acks(acks)
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT id, p FROM t").fetchall()
     ids = [r[0] for r in rows]

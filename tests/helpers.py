@@ -46,10 +46,10 @@ class Collector:
 
 # ---------------------------------------------------------------- kill -9 harness
 
-def acking_writer(options: dict) -> str:
+def acking_writer(options: dict, threads: int = 2) -> str:
     """Source of a child process that submits to a DurableBatcher until it is killed.
 
-    Run as ``python -c SCRIPT LOG_DIR SINK_URL ACKS CYCLE``. Two threads submit
+    Run as ``python -c SCRIPT LOG_DIR SINK_URL ACKS CYCLE``. ``threads`` threads submit
     items ``{"id", "p"}`` (one by one, and every fifth time 15 in one submit_many)
     and append each id to ``ACKS.CYCLE.THREAD`` only after its acknowledgement.
     It prints ``ready`` once the batcher is open.
@@ -74,11 +74,11 @@ def acking_writer(options: dict) -> str:
                         b.submit(item)
                         f.write(item["id"] + "\\n")
                     k += 1
-        for t in range(2):
+        for t in range(THREADS):
             threading.Thread(target=work, args=(t,), daemon=True).start()
         print("ready", flush=True)
         threading.Event().wait()
-    """).replace("**OPTIONS", "**" + repr(options))
+    """).replace("**OPTIONS", "**" + repr(options)).replace("THREADS", str(threads))
 
 
 def payload_ok(item_id: str, p: str) -> bool:
