@@ -99,6 +99,45 @@ def test_sqlite_url_through_a_batcher(make, tmp_path):
     assert {r[0] for r in rows} == {b.log_id}
 
 
+# Each was retried forever (one bad item held back every later one) or, for the
+# reserved field, stored without that field.
+REFUSED = {
+    "int beyond 64 bits": ({"n": 2**64 - 1}, "too large"),
+    "names equal but for case": ({"Name": 1, "name": 2}, "duplicate column"),
+    "too many columns": ({f"f{i}": i for i in range(2100)}, "columns"),
+    "a field named _seq": ({"_seq": 5, "x": 1}, "reserved"),
+    "a tuple key in a nested dict": ({"nested": {(1, 2): 3}}, "keys must be"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_sqlite_sink_refuses_only_the_bad_item_and_stores_the_rest(tmp_path, case):
+    bad, message = REFUSED[case]
+    db = tmp_path / "out.db"
+    sink = SQLiteSink(str(db))
+    try:
+        outcomes = sink.write(batch({"v": 1}, {"v": 2}, bad, {"v": 4}, "plain"))
+    finally:
+        sink.close()
+    assert outcomes is not None
+    assert [type(o).__name__ if o else None for o in outcomes] == [
+        None, None, "PermanentSinkError", None, None]
+    assert message in str(outcomes[2])
+    assert query(db, "SELECT _seq FROM items ORDER BY _seq") == [(1,), (2,), (4,), (5,)]
+
+
+def test_sqlite_sink_bad_item_through_a_batcher_is_dead_lettered_and_the_rest_flows(make, tmp_path):
+    db = tmp_path / "out.db"
+    b = make(f"sqlite:///{db}")
+    receipts = b.submit_many([{"v": 1}, {"v": 2**64 - 1}, {"v": 3}])
+    with pytest.raises(DeadLettered, match="too large"):
+        receipts[1].wait(WAIT)
+    b.submit({"v": 4}).wait(WAIT)
+    assert query(db, "SELECT v FROM items ORDER BY _seq") == [(1,), (3,), (4,)]
+    st = b.stats()
+    assert (st.delivered, st.dead_lettered, st.pending) == (3, 1, 0)
+
+
 # ------------------------------------------------------------------- file
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import sqlite_utils
 
+from .codec import unpack_one
 from .errors import CorruptLog
 
 if TYPE_CHECKING:
@@ -166,8 +167,7 @@ _MAX_LOST_ROWS = 10_000
 
 
 def _row(r: dict[str, Any]) -> DeadLetter:
-    item = None if r["item"] is None else msgpack.unpackb(
-        r["item"], raw=False, strict_map_key=False)
+    item = None if r["item"] is None else unpack_one(r["item"])
     key = None if r.get("key") is None else msgpack.unpackb(r["key"], raw=False)
     return DeadLetter(r["log_id"], r["seq"], item, r["error"], r["error_type"],
                       r["failed_at"], r["attempts"], bool(r["lost"]), key)

@@ -24,11 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import msgpack
-
 from .batcher import REASONS, BatchPolicy, ClosedBatch, KeyedPolicies
 from .breaker import CircuitBreaker
 from .checkpoint import Checkpoint
+from .codec import unpack_values
 from .dlq import DeadLetterStore
 from .errors import CorruptLog, DeadLettered, SinkError
 from .framing import decode_items
@@ -327,7 +326,7 @@ class Flusher:
         """A frame larger than the byte budget: exact sizes, item by item."""
         assert frame.payload is not None
         try:
-            decoded = list(decode_items(frame.payload, frame.count))
+            decoded = decode_items(frame.payload, frame.count)
         except ValueError as ex:
             raise self._undecodable(frame, ex) from ex
         seq = frame.first_seq + frame.skip
@@ -348,15 +347,7 @@ class Flusher:
     def _decode(self, frame: RawFrame) -> list[Any]:
         assert frame.payload is not None
         try:
-            if frame.count == 1:
-                items = [msgpack.unpackb(frame.payload, raw=False, strict_map_key=False,
-                                         ext_hook=self._ext_hook)]
-            else:
-                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
-                                            ext_hook=self._ext_hook,
-                                            max_buffer_size=max(len(frame.payload), 1 << 20))
-                unpacker.feed(frame.payload)
-                items = list(unpacker)
+            items = unpack_values(frame.payload, self._ext_hook)
         except Exception as ex:  # msgpack raises several unrelated types
             raise self._undecodable(frame, ex) from ex
         if len(items) != frame.count:

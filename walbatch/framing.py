@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import msgpack
 from crc32c import crc32c
 
+from .codec import unpack_sized
 from .keys import ext_hook
 
 SEGMENT_MAGIC = b"WALBATCH"
@@ -134,27 +133,16 @@ def find_next_frame(buf: bytes | memoryview, pos: int) -> Frame | None:
         at += 1
 
 
-def decode_items(payload: bytes | memoryview, count: int) -> Iterator[tuple[object, int]]:
-    """Yield ``(item, encoded_size)`` for each of the ``count`` items of a payload.
+def decode_items(payload: bytes | memoryview, count: int) -> list[tuple[object, int]]:
+    """``(item, encoded_size)`` for each of the ``count`` items of a payload.
 
     Keyed items come back as ``keys.Keyed(key, item)``. Raises ValueError if the
     payload does not hold exactly ``count`` msgpack values; with a valid
     checksum that means a writer bug, not disk damage.
     """
-    unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=False, max_buffer_size=max(len(payload), 1 << 20),
-        ext_hook=ext_hook,
-    )
-    unpacker.feed(payload)
-    prev = 0
-    n = 0
-    try:
-        for item in unpacker:
-            at = unpacker.tell()
-            yield item, at - prev
-            prev = at
-            n += 1
-    except (ValueError, msgpack.UnpackException) as ex:  # ExtraData, FormatError, ...
-        raise ValueError(f"undecodable payload after {n} items: {ex}") from ex
-    if n != count or prev != len(payload):
-        raise ValueError(f"payload holds {n} items in {prev} bytes, frame says {count} in {len(payload)}")
+    decoded = unpack_sized(payload, ext_hook)
+    size = sum(n for _, n in decoded)
+    if len(decoded) != count or size != len(payload):
+        raise ValueError(f"payload holds {len(decoded)} items in {size} bytes, "
+                         f"frame says {count} in {len(payload)}")
+    return decoded

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from .codec import unpack_values
+
 KEY_EXT = 87  # "W"
 MAX_KEY_BYTES = 1024
 
@@ -44,14 +46,10 @@ def ext_hook(code: int, data: bytes) -> Any:
     """msgpack ``ext_hook``: keyed items become ``Keyed``; other extensions pass through."""
     if code != KEY_EXT:
         return msgpack.ExtType(code, data)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, ext_hook=ext_hook,
-                                max_buffer_size=max(len(data), 1 << 20))
-    unpacker.feed(data)
     try:
-        key = unpacker.unpack()
-        item = unpacker.unpack()
+        values = unpack_values(data, ext_hook)
     except Exception:  # not ours (a foreign ExtType with our code): keep it as it came
         return msgpack.ExtType(code, data)
-    if unpacker.tell() != len(data) or isinstance(key, bool) or not isinstance(key, (str, int, bytes)):
+    if len(values) != 2 or isinstance(values[0], bool) or not isinstance(values[0], (str, int, bytes)):
         return msgpack.ExtType(code, data)
-    return Keyed(key, item)
+    return Keyed(values[0], values[1])

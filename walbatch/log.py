@@ -652,7 +652,7 @@ class Log:
                                 yield seq, None, True
                         continue
                     try:
-                        decoded = list(decode_items(f.payload, f.count))
+                        decoded = decode_items(f.payload, f.count)
                     except ValueError as ex:
                         raise CorruptLog(self.segdir, 0, str(ex),
                                          (f.first_seq, f.first_seq + f.count - 1)) from ex

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 
+from .codec import unpack_one
 from .keys import check_key
 
 DEFAULT_MAX_FRAME = 16 << 20
@@ -99,7 +100,7 @@ class FrameDecoder:
             body = bytes(buf[pos + 4 : pos + 4 + n])
             pos += 4 + n
             try:
-                out.append((msgpack.unpackb(body, raw=False, strict_map_key=False), n))
+                out.append((unpack_one(body), n))
             except Exception as ex:  # msgpack raises several unrelated types
                 out.append((ProtocolError(BAD_FRAME, f"frame body is not valid msgpack: {ex}"), n))
         del buf[:pos]

@@ -2,8 +2,12 @@
 
 A dict item's fields become columns (added as new fields appear); any other
 item goes to one JSON column ``item``. The key columns are ``_log_id`` and
-``_seq``, so a redelivered record is ignored instead of duplicated. Each batch
-is one transaction, committed with ``synchronous=FULL`` before write returns.
+``_seq``, so a redelivered record is ignored instead of duplicated (an item
+with a field of either name is refused). Each batch is one transaction,
+committed with ``synchronous=FULL`` before write returns. An item SQLite
+refuses (an int beyond 64 bits, field names that differ only in case, more
+columns than a row may have) is isolated and dead-lettered with SQLite's
+message; the rest of its batch is stored.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from typing import Any
 
 import sqlite_utils
 
+from ..errors import PermanentSinkError
 from ..record import Batch
+
+_IDENTITY = ("_log_id", "_seq")
+# SQLite result codes that blame the statement's rows: ERROR (a column name it cannot
+# take, too many columns), TOOBIG, CONSTRAINT, MISMATCH, RANGE. The others (BUSY,
+# LOCKED, IOERR, FULL, ...) are about the database and pass when it recovers.
+_ROW_ERRORS = frozenset({1, 18, 19, 20, 25})
 
 
 class SQLiteSink:
@@ -32,11 +43,44 @@ class SQLiteSink:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
 
-    def write(self, batch: Batch) -> None:
-        rows = [_row(batch.log_id, r.seq, r.item) for r in batch]
+    def write(self, batch: Batch) -> list[BaseException | None] | None:
+        outcomes: list[BaseException | None] = [None] * len(batch)
+        rows: list[tuple[int, dict[str, Any]]] = []
+        for i, r in enumerate(batch):
+            try:
+                rows.append((i, _row(batch.log_id, r.seq, r.item)))
+            except (TypeError, ValueError, RecursionError) as ex:
+                outcomes[i] = PermanentSinkError(f"SQLite sink cannot store seq {r.seq}: {ex}")
         with self._lock, self.db.conn:
             self.db.conn.execute("BEGIN IMMEDIATE")
-            self.db[self.table].insert_all(rows, pk=("_log_id", "_seq"), ignore=True, alter=True)
+            self._place(rows, outcomes)
+        return None if all(o is None for o in outcomes) else outcomes
+
+    def _place(self, rows: list[tuple[int, dict[str, Any]]],
+               outcomes: list[BaseException | None]) -> None:
+        """Insert ``rows``; bisect to isolate the ones SQLite refuses.
+
+        insert_all runs in a savepoint inside our transaction (sqlite-utils'
+        ``atomic``), so a refused chunk leaves nothing behind. An error about the
+        database rather than the rows (locked, I/O, disk full) fails the batch,
+        which is retried as a whole.
+        """
+        table = self.db[self.table]
+        todo = [rows] if rows else []
+        while todo:
+            chunk = todo.pop()
+            try:
+                table.insert_all([row for _, row in chunk], pk=("_log_id", "_seq"),
+                                 ignore=True, alter=True)
+            except Exception as ex:
+                if not _item_level(ex) or not self.db.conn.in_transaction:
+                    raise
+                if len(chunk) == 1:
+                    outcomes[chunk[0][0]] = PermanentSinkError(
+                        f"SQLite refused the item: {type(ex).__name__}: {ex}")
+                    continue
+                mid = len(chunk) // 2
+                todo += [chunk[mid:], chunk[:mid]]  # the first half goes first, in batch order
 
     def close(self) -> None:
         self.db.conn.close()
@@ -47,12 +91,28 @@ class SQLiteSink:
 
 def _row(log_id: str, seq: int, item: Any) -> dict[str, Any]:
     if isinstance(item, dict) and all(isinstance(k, str) for k in item):
-        row = {k: _cell(v) for k, v in item.items() if k not in ("_log_id", "_seq")}
+        taken = [k for k in _IDENTITY if k in item]
+        if taken:
+            raise ValueError(f"field {taken[0]!r} is reserved: the sink keys rows on "
+                             "(_log_id, _seq); rename the field")
+        row = {k: _cell(v) for k, v in item.items()}
     else:
         row = {"item": json.dumps(item, default=_json_default)}
     row["_log_id"] = log_id
     row["_seq"] = seq
     return row
+
+
+def _item_level(ex: BaseException) -> bool:
+    """Is this error about the rows (retrying cannot help) rather than the database?"""
+    if isinstance(ex, sqlite3.Error):
+        code = getattr(ex, "sqlite_errorcode", None)
+        if code is None:  # raised by the sqlite3 module while binding a value
+            return isinstance(ex, (sqlite3.InterfaceError, sqlite3.DataError))
+        return code & 0xFF in _ROW_ERRORS
+    # sqlite3 binding a too-large int (OverflowError); sqlite-utils refusing a row
+    # with too many columns (ValueError).
+    return isinstance(ex, (OverflowError, ValueError, TypeError))
 
 
 def _cell(v: Any) -> Any:
