@@ -233,6 +233,23 @@ def test_a_deferred_constraint_refuses_only_its_items(postgres, sinks, query, ta
     assert query(f"SELECT _seq, p FROM {table} ORDER BY _seq") == [(1, 1), (3, 2)]
 
 
+def test_a_trigger_that_raises_refuses_only_its_items(postgres, sinks, query, table):
+    # A validation trigger's RAISE EXCEPTION is SQLSTATE P0001: about the row, like a
+    # CHECK. It used to be retried forever, holding back every later item.
+    query(f"CREATE TABLE {table} (_log_id text, _seq bigint, n int, PRIMARY KEY (_log_id, _seq))")
+    query(f"CREATE FUNCTION {table}_check() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+          f"IF NEW.n < 0 THEN RAISE EXCEPTION 'n must not be negative, got %%', NEW.n; END IF; "
+          f"RETURN NEW; END $$")
+    query(f"CREATE TRIGGER {table}_check BEFORE INSERT ON {table} "
+          f"FOR EACH ROW EXECUTE FUNCTION {table}_check()")
+    sink = sinks(postgres.url(table=table, columns="n"))
+    outcomes = sink.write(batch({"n": 1}, {"n": -5}, {"n": 3}))
+    assert outcomes is not None and outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PermanentSinkError)
+    assert "n must not be negative, got -5" in str(outcomes[1])
+    assert query(f"SELECT _seq, n FROM {table} ORDER BY _seq") == [(1, 1), (3, 3)]
+
+
 def test_through_a_batcher_only_bad_items_reach_the_dead_letters(make, postgres, query, table):
     query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, n int CHECK (n >= 0), "
           f"PRIMARY KEY (_log_id, _seq))")

@@ -40,9 +40,10 @@ MODES = ("jsonb", "columns")
 OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool")
 STAGE = "_walbatch_stage"
 # Item-level SQLSTATE classes: data exception, integrity constraint violation,
-# program limit exceeded (e.g. an index row too big). Anything else is about the
-# connection, the schema or the server, and retrying the batch is the cure.
-ITEM_CLASSES = ("22", "23", "54")
+# WITH CHECK OPTION violation (a view), program limit exceeded (e.g. an index row
+# too big), PL/pgSQL errors (a validation trigger's RAISE EXCEPTION). Anything else
+# is about the connection, the schema or the server, and retrying the batch is the cure.
+ITEM_CLASSES = ("22", "23", "44", "54", "P0")
 _TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?(\s*\[\d*\])*$")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
