@@ -161,6 +161,27 @@ def test_submit_many_is_one_commit_and_one_fsync(make):
     assert gate.taken.items == ["first"] + [{"i": i} for i in range(100)]
 
 
+@pytest.mark.parametrize("bad", [2**64, {3, 4}, "\ud800"], ids=["int", "set", "surrogate"])
+def test_a_threads_first_submit_many_of_a_bad_item_raises_the_documented_type_error(make, bad):
+    # The per-thread Packer is made on a thread's first call; an item that failed
+    # that very call used to escape as msgpack's own OverflowError/ValueError.
+    b = make(Collector())
+    errors: list[BaseException] = []
+
+    def first_call() -> None:
+        try:
+            b.submit_many(["ok", bad])
+        except BaseException as ex:
+            errors.append(ex)
+
+    t = threading.Thread(target=first_call)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and type(errors[0]) is TypeError
+    assert "items[1]" in str(errors[0])
+    assert b.stats().submitted == 0
+
+
 def test_submit_many_is_all_or_nothing_when_an_item_cannot_be_encoded(make):
     sink = Collector()
     b = make(sink)

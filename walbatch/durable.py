@@ -71,10 +71,11 @@ def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
             raise
     n = len(seq)
     try:
-        packed = _tls.pack_list(seq)
-    except AttributeError:
-        _tls.pack_list = msgpack.Packer(use_bin_type=True).pack
-        packed = _tls.pack_list(seq)
+        pack_list = _tls.pack_list
+    except AttributeError:  # one Packer per thread, as in _encode
+        pack_list = _tls.pack_list = msgpack.Packer(use_bin_type=True).pack
+    try:
+        packed = pack_list(seq)
     except (TypeError, OverflowError, ValueError):
         _raise_unencodable(seq)
         raise
