@@ -217,6 +217,18 @@ def test_submit_without_a_daemon_fails_in_one_line(tmp_path):
 # ------------------------------------------------------------------ status, replay, dump
 
 
+@pytest.mark.parametrize("command", [["status"], ["verify"], ["dump"], ["replay", "--dry-run",
+                                                                      "--sink", "x"]])
+def test_readonly_commands_write_nothing_even_into_a_log_without_a_checkpoint(tmp_path, command):
+    # A writer's first open makes segments/ and then the checkpoint; a status run
+    # in between used to write a checkpoint of its own (another log id), which
+    # also made that writer's open fail on the shared checkpoint.tmp.
+    d = tmp_path / "log"
+    (d / "segments").mkdir(parents=True)
+    wb(*command, "--data-dir", d, code=None)
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == ["segments"]
+
+
 def test_status_json_describes_a_log_built_by_the_test(tmp_path):
     data = tmp_path / "data"
     log_id = build_log(data, 60)
@@ -425,15 +437,31 @@ def test_dlq_requeue_through_a_running_daemon(tmp_path):
     ["serve", "--data-dir", "{log}", "--socket", "{empty}"],
     ["dlq", "purge", "--data-dir", "{missing}", "--yes"],
     ["dlq", "requeue", "--data-dir", "{missing}"],
+    # A mistyped --data-dir must not become a new, empty log that "repairs" or "delivers" fine.
+    ["verify", "--repair", "--data-dir", "{missing}"],
+    ["verify", "--repair", "--data-dir", "{empty}"],
+    ["replay", "--data-dir", "{missing}", "--sink", "file://{out}"],
+    ["replay", "--data-dir", "{empty}", "--sink", "file://{out}"],
+    ["replay", "--data-dir", "{log}", "--sink", "os:no_such_function"],
+    ["replay", "--data-dir", "{log}", "--sink", "sqlite:///{out}?tabel=events"],
+    ["replay", "--data-dir", "{log}", "--sink", "file://{out}?mode=x"],
+    ["dlq", "requeue", "--data-dir", "{log}", "--seq", "999"],
+    ["dlq", "purge", "--data-dir", "{log}", "--seq", "999", "--yes"],
+    ["submit", "--direct", "--data-dir", "{file}/sub", "1"],  # an OSError: one line too
 ])
 def test_every_error_path_prints_one_line_and_no_traceback(tmp_path, args):
     build_log(tmp_path / "log", 3)
     (tmp_path / "empty").mkdir()
-    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "log": tmp_path / "log"}
+    (tmp_path / "afile").write_text("")
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "log": tmp_path / "log",
+             "out": tmp_path / "out", "file": tmp_path / "afile"}
+    before = sorted(p.name for p in tmp_path.rglob("*"))
     result = wb(*[a.format(**paths) for a in args], code=1)
     line = one_error_line(result)
     assert line.startswith("Error: ")
     assert not (tmp_path / "missing").exists(), "an error path created the directory it was given"
+    if args[0] != "serve":  # serve opens the log before it finds the socket path taken
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before, "an error path changed files"
 
 
 @pytest.mark.parametrize("args", [
@@ -443,6 +471,8 @@ def test_every_error_path_prints_one_line_and_no_traceback(tmp_path, args):
     ["replay", "--data-dir", "d"],
     ["submit", "--batch", "0"],
     ["nosuchcommand"],
+    ["dump", "--from", "5", "--to", "2"],
+    ["dlq", "list", "--limit", "99999999999999999999"],
 ])
 def test_usage_errors_exit_2_without_a_traceback(tmp_path, args):
     result = wb(*args, code=2)

@@ -234,7 +234,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     sink = sink or f"sqlite:///{os.path.abspath(os.path.join(data_dir, 'walbatch.db'))}"
     try:
         batcher = DurableBatcher(data_dir, sink, **opts)
-    except (WalbatchError, ValueError, TypeError, ImportError, OSError) as ex:
+    except (WalbatchError, ValueError, TypeError, ImportError, AttributeError, OSError) as ex:
         raise _fail(ex) from None
     server = Server(batcher, ServerOptions(
         socket_path=socket_path, socket_mode=mode, socket_group=socket_group,
@@ -435,8 +435,11 @@ def _is_locked(data_dir: str) -> bool:
     from .fileio import OsFileSystem
     from .log import LOCK_FILE
 
+    path = os.path.join(data_dir, LOCK_FILE)
+    if not os.path.exists(path):  # every writer makes it; asking must not create it
+        return False
     try:
-        OsFileSystem().lock(os.path.join(data_dir, LOCK_FILE)).release()
+        OsFileSystem().lock(path).release()
     except BlockingIOError:
         return True
     except OSError:
@@ -473,6 +476,7 @@ def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follo
     if follow:
         _follow(data_dir, sink, _options_from(kwargs))
         return
+    _require_log_dir(data_dir)
     if dry_run:
         log_ = _open_readonly(data_dir)
         try:
@@ -496,7 +500,7 @@ def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follo
     opts = _options_from(kwargs)
     try:
         b = DurableBatcher(data_dir, sink, **opts)
-    except (WalbatchError, ValueError, TypeError, ImportError, OSError) as ex:
+    except (WalbatchError, ValueError, TypeError, ImportError, AttributeError, OSError) as ex:
         raise _fail(ex) from None
     start = b.initial_checkpoint
     total = b.backlog_at_open
@@ -588,6 +592,7 @@ def verify(data_dir: str, repair: bool, as_json: bool) -> None:
     """
     from .dlq import DeadLetterStore, record_lost
 
+    _require_log_dir(data_dir)
     if repair:
         try:
             log_ = Log.open(data_dir, on_corruption="quarantine")
@@ -656,6 +661,8 @@ def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool)
     Example:
         walbatch dump --data-dir /var/lib/walbatch --from 1000 --to 1010
     """
+    if from_seq is not None and to_seq is not None and from_seq > to_seq:
+        raise click.BadParameter(f"--from {from_seq} is after --to {to_seq}", param_hint="--from")
     log_ = _open_readonly(data_dir)
     if pending:
         from_seq = max(from_seq or 1, log_.checkpoint.seq + 1)
@@ -691,7 +698,8 @@ def dlq() -> None:
 
 @dlq.command("list")
 @_DATA_DIR
-@click.option("--limit", type=click.IntRange(1), default=None)
+@click.option("--limit", type=click.IntRange(1, (1 << 63) - 1), default=None,
+              help="At most this many, oldest first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
 def dlq_list(data_dir: str, limit: int | None, as_json: bool) -> None:
     """List dead letters with their error.
@@ -730,6 +738,7 @@ def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -
     from .dlq import DeadLetterStore, requeue
 
     _require_log_dir(data_dir)
+    _require_dead_letters(data_dir, seqs, lost_ok=False)
     sock = socket_path or os.path.join(data_dir, "walbatch.sock")
     try:
         if _is_locked(data_dir):
@@ -753,6 +762,20 @@ def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -
     click.echo(f"requeued {n} dead letter(s)")
 
 
+def _require_dead_letters(data_dir: str, seqs: tuple[int, ...], lost_ok: bool) -> None:
+    """Refuse the whole command when a --seq names no dead letter (a typo must not pass)."""
+    if not seqs:
+        return
+    from .dlq import list_dead_letters
+
+    held = {d.seq for d in list_dead_letters(data_dir) if lost_ok or not d.lost}
+    missing = sorted(set(seqs) - held)
+    if missing:
+        raise click.ClickException(
+            f"no {'' if lost_ok else 'requeueable '}dead letter with seq "
+            f"{', '.join(map(str, missing))} (see walbatch dlq list); nothing was changed")
+
+
 @dlq.command("purge")
 @_DATA_DIR
 @click.option("--seq", "seqs", type=int, multiple=True, help="Only this seq; repeatable.")
@@ -767,6 +790,7 @@ def dlq_purge(data_dir: str, seqs: tuple[int, ...], yes: bool) -> None:
     from .dlq import DeadLetterStore
 
     _require_log_dir(data_dir)
+    _require_dead_letters(data_dir, seqs, lost_ok=True)
     what = f"{len(seqs)} dead letter(s)" if seqs else "ALL dead letters"
     if not yes:
         click.confirm(f"Delete {what} in {data_dir}?", abort=True)
@@ -899,5 +923,8 @@ def main() -> None:
         cli(standalone_mode=True)
     except WalbatchError as ex:  # pragma: no cover - click handles most paths
         click.echo(f"walbatch: {ex}", err=True)
+        sys.exit(1)
+    except OSError as ex:  # the environment (permissions, a full disk), not a bug: one line
+        click.echo(f"Error: {ex}", err=True)
         sys.exit(1)
 

@@ -253,7 +253,8 @@ class Log:
                 cp = _rebuild_checkpoint(fs, directory, segdir, names, ex)
         else:
             cp = Checkpoint(uuid.uuid4())
-            write_checkpoint(fs, cp_path, cp)
+            if not readonly:  # a reader changes nothing, not even a brand-new directory
+                write_checkpoint(fs, cp_path, cp)
         rec = _Recovery(fs, directory, cp, on_corruption, readonly)
         # Everything through here was durable: the checkpoint's mark, or the newer one
         # the writer published after its last fsync.

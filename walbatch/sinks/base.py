@@ -61,6 +61,14 @@ def _path_of(url: str) -> str:
     return path[1:] if path.startswith("/") else path
 
 
+def _only(url: str, query: dict[str, str], allowed: tuple[str, ...]) -> None:
+    # A misspelt option must not quietly become the default (rows in another table).
+    unknown = sorted(set(query) - set(allowed))
+    if unknown:
+        raise ValueError(f"sink URL {_redacted(url)!r}: unknown option {unknown[0]!r}; "
+                         f"valid: {', '.join(allowed) or 'none'}")
+
+
 def resolve_sink(spec: Any) -> Any:
     """A sink object from a URL string, a callable, or an object with ``write``."""
     if isinstance(spec, str):
@@ -89,6 +97,7 @@ def sink_from_url(url: str) -> Any:
     if scheme == "sqlite":
         from .sqlite import SQLiteSink
 
+        _only(url, q, ("table",))
         return SQLiteSink(_path_of(url), table=q.get("table", "items"))
     if scheme == "file":
         from .file import FileSink
@@ -98,6 +107,7 @@ def sink_from_url(url: str) -> Any:
         path = parts.netloc + parts.path
         if not path:
             raise ValueError(f"sink URL {url!r} has no path")
+        _only(url, q, ())
         return FileSink(path)
     if scheme in ("postgresql", "postgres"):
         from .postgresql import from_url as postgresql_from_url
