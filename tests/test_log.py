@@ -278,6 +278,51 @@ def test_damaged_frame_header_in_the_middle_raises(tmp_path) -> None:
     assert (info.value.path, info.value.offset, info.value.seqs) == (path, frames[1].offset, (2, 2))
 
 
+def test_a_damaged_synced_marker_makes_damage_at_the_tail_corruption_not_a_torn_write(tmp_path) -> None:
+    # The marker is what tells damage to acknowledged records from a torn write.
+    # With it garbage, the damaged last record used to be trimmed as torn: silently lost.
+    make_log(tmp_path, [["a"], ["b"], ["c"]])
+    (tmp_path / "synced").write_bytes(os.urandom(48))
+    path = seg_paths(tmp_path)[0]
+    flip_byte(path, os.path.getsize(path) - 1)
+    with pytest.raises(CorruptLog) as info:
+        Log.open(str(tmp_path))
+    assert info.value.seqs is not None and info.value.seqs[0] == 3
+    assert "synced" in str(info.value)
+    log = Log.open(str(tmp_path), on_corruption="quarantine")
+    try:
+        assert [(r.first, r.last >= 3) for r in log.lost] == [(3, True)]
+        assert log.next_seq > log.lost[0].last  # no seq that may be acknowledged is reused
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("marker", [b"", os.urandom(48)], ids=["empty", "garbage"])
+def test_a_marker_that_says_nothing_costs_nothing_on_an_intact_log(tmp_path, marker) -> None:
+    make_log(tmp_path, [["a"], ["b"], ["c"]])
+    (tmp_path / "synced").write_bytes(marker)
+    log = Log.open(str(tmp_path))
+    try:
+        assert [f.first_seq for f in read_all(log)] == [1, 2, 3] and not log.findings
+    finally:
+        log.close()
+
+
+def test_an_empty_marker_still_lets_a_torn_tail_be_trimmed(tmp_path) -> None:
+    # A crash right after the marker file was created leaves it empty: that is no evidence.
+    make_log(tmp_path, [["a"], ["b"]])
+    (tmp_path / "synced").write_bytes(b"")
+    path = seg_paths(tmp_path)[0]
+    with open(path, "ab") as f:
+        f.write(b"\xc7\xfa\x57\xb1" + b"\x01" * 9)  # the start of a frame, cut short
+    log = Log.open(str(tmp_path))
+    try:
+        assert [f.action for f in log.findings] == ["trimmed"]
+        assert log.synced_seq == 2
+    finally:
+        log.close()
+
+
 def test_garbage_inserted_between_intact_frames_raises_without_lost_seqs(tmp_path) -> None:
     make_log(tmp_path, [["a"], ["b"]])
     path = seg_paths(tmp_path)[0]

@@ -254,11 +254,13 @@ class Log:
         else:
             cp = Checkpoint(uuid.uuid4())
             if not readonly:  # a reader changes nothing, not even a brand-new directory
+                if fs.exists(os.path.join(directory, SYNCED_FILE)):
+                    fs.unlink(os.path.join(directory, SYNCED_FILE))  # a former log's
                 write_checkpoint(fs, cp_path, cp)
         rec = _Recovery(fs, directory, cp, on_corruption, readonly)
         # Everything through here was durable: the checkpoint's mark, or the newer one
         # the writer published after its last fsync.
-        marker = read_marker(fs, directory, cp.log_id)
+        marker, marker_damage = load_marker(fs, directory, cp.log_id)
         high_water = max(cp.seq, cp.high_water, marker[0] if marker else 0)
 
         # Segments a durable checkpoint covers entirely were due for deletion
@@ -346,9 +348,20 @@ class Log:
                 damaged_last = is_last
             size = len(data)
             if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
-                if is_last and expected - 1 >= high_water:
+                if is_last and expected - 1 >= high_water and marker_damage is None:
                     rec.torn(path, scan.tail_at, len(data) - scan.tail_at, scan.tail_reason)
                     size = scan.tail_at
+                elif is_last and expected - 1 >= high_water:
+                    # The mark that tells a torn write from damaged acknowledged records is
+                    # itself damaged: assume the worst. Each item took at least a byte, so
+                    # skip that many seqs rather than hand out one that may be acknowledged.
+                    tail = len(data) - scan.tail_at
+                    seqs = (expected, expected - 1 + max(1, tail - FRAME_HEADER_SIZE))
+                    rec.damage(path, scan.tail_at, tail, f"{scan.tail_reason}, and {marker_damage}, "
+                               "so it cannot be told from a torn write (seqs: an upper bound)",
+                               seqs, data[scan.tail_at:])
+                    expected = seqs[1] + 1
+                    damaged_last = True
                 else:
                     # Not torn: the high-water mark says records past this point were durable.
                     lost_to = next_first - 1 if next_first is not None else max(
@@ -872,15 +885,29 @@ _LOCK_GRACE = 0.5  # seconds
 
 def read_marker(fs: FileSystem, directory: str, log_id: uuid.UUID) -> tuple[int, int, int] | None:
     """``(synced_seq, segment first_seq, end offset)`` from ``<dir>/synced``, if it is this log's."""
+    return load_marker(fs, directory, log_id)[0]
+
+
+def load_marker(fs: FileSystem, directory: str,
+                log_id: uuid.UUID) -> tuple[tuple[int, int, int] | None, str | None]:
+    """The marker, or None and why it cannot be used when it is there but damaged.
+
+    A missing or empty file says nothing (no writer yet, or a crash right after
+    creating it); anything else that does not check out is damage.
+    """
     try:
         data = fs.read_file(os.path.join(directory, SYNCED_FILE))
     except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
+        return None, None
+    if not data:
+        return None, None
     if len(data) != _MARKER.size + 4 or struct.unpack_from("<I", data, _MARKER.size)[0] != crc32c(
             data[:_MARKER.size]):
-        return None
+        return None, f"the marker file '{SYNCED_FILE}' is damaged ({len(data)} bytes, bad checksum)"
     magic, seq, seg_first, end, lid = _MARKER.unpack_from(data)
-    return (seq, seg_first, end) if magic == _MARKER_MAGIC and lid == log_id.bytes else None
+    if magic != _MARKER_MAGIC or lid != log_id.bytes:
+        return None, f"the marker file '{SYNCED_FILE}' belongs to another log"
+    return (seq, seg_first, end), None
 
 
 class _NoLock:
