@@ -183,3 +183,19 @@ def test_requeue_by_directory_with_a_sink_delivers_at_once(make, logdir):
     assert requeue(str(logdir), sink=sink) == 3
     assert sink.items == [{"bad": "a"}, {"bad": "b"}, {"bad": "c"}]
     assert list_dead_letters(str(logdir)) == []
+
+
+def test_a_damaged_store_is_corrupt_log_but_one_it_cannot_open_is_an_os_error(tmp_path):
+    from walbatch import CorruptLog
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all " * 100)
+    with pytest.raises(CorruptLog, match="damaged"):
+        DeadLetterStore(str(garbage))
+    # Access, not damage (another user's file, a directory in its place): the store
+    # must not be called damaged, or an operator moves a healthy one aside.
+    unopenable = tmp_path / "dir.db"
+    unopenable.mkdir()
+    with pytest.raises(OSError, match="cannot use the dead-letter store") as info:
+        DeadLetterStore(str(unopenable))
+    assert not isinstance(info.value, CorruptLog)

@@ -419,12 +419,15 @@ def _print_mapping(info: dict[str, Any], as_json: bool) -> None:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
-def _count_dead(data_dir: str) -> int:
+def _count_dead(data_dir: str) -> int | str:
     from .dlq import DLQ_FILE, DeadLetterStore
 
     if not os.path.exists(os.path.join(data_dir, DLQ_FILE)):
         return 0
-    store = DeadLetterStore.for_dir(data_dir)
+    try:
+        store = DeadLetterStore.for_dir(data_dir)
+    except OSError as ex:  # e.g. another user's store: the rest of the status still stands
+        return f"unknown ({ex})"
     try:
         return store.count()
     finally:

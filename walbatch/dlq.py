@@ -46,6 +46,9 @@ class DeadLetter:
     """The batching key the item was submitted with (None: unkeyed); requeue keeps it."""
 
 
+_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
 class DeadLetterStore:
     """Read and write ``dlq.db``. Thread-safe: one connection, one lock."""
 
@@ -54,7 +57,10 @@ class DeadLetterStore:
 
         self.path = path
         self._lock = threading.Lock()
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as ex:
+            raise OSError(f"cannot use the dead-letter store {path}: {ex}") from ex
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -71,6 +77,9 @@ class DeadLetterStore:
             conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
         except sqlite3.DatabaseError as ex:
             conn.close()
+            if getattr(ex, "sqlite_errorcode", 0) & 0xFF not in _DAMAGED:
+                # Read-only file, no permission, locked: the store is fine, access is not.
+                raise OSError(f"cannot use the dead-letter store {path}: {ex}") from ex
             raise CorruptLog(path, 0, f"the dead-letter store is damaged ({ex}); move it aside "
                              "(the log itself is intact) and sqlite3's .recover may salvage it") from ex
 
