@@ -339,6 +339,50 @@ def test_eight_threads_share_one_client_and_every_answer_matches_its_request(dae
     assert {seq: (r["t"], r["k"] * 10 + r["j"]) for seq, r in rows.items()} == got
 
 
+def test_threads_pipelining_more_than_the_socket_buffers_hold_do_not_deadlock(daemons):
+    # A sender blocked in sendall used to hold the lock the reader thread needs to
+    # hand out answers; the daemon, its answers unread, stopped reading: both hung.
+    d = daemons()
+    per_thread = 20_000
+    with Client(d.socket_path, timeout=WAIT) as c:
+        futures: list[list[Any]] = [[] for _ in range(4)]
+
+        def work(t: int) -> None:
+            futures[t] = [c.submit_async({"t": t, "i": i}) for i in range(per_thread)]
+
+        threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads), "the senders hung"
+        seqs = [f.result(WAIT)["first_seq"] for fs in futures for f in fs]
+    assert sorted(seqs) == list(range(1, 4 * per_thread + 1))
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, 2**64, "\ud800"], ids=["set", "int", "surrogate"])
+def test_both_clients_refuse_an_unencodable_item_and_stay_in_step(daemons, bad):
+    # AsyncClient queued the request before encoding it: the failed one stayed
+    # pending and every later answer went to the request before it.
+    d = daemons()
+    with Client(d.socket_path, timeout=WAIT) as c:
+        assert c.submit("a") == 1
+        with pytest.raises(TypeError, match="msgpack"):
+            c.submit(bad)
+        assert c.submit("b") == 2
+
+    async def main() -> tuple[int, int, dict[str, Any]]:
+        async with AsyncClient(d.socket_path) as ac:
+            first = await ac.submit("c")
+            with pytest.raises(TypeError, match="msgpack"):
+                await ac.submit(bad)
+            second, stats = await asyncio.gather(ac.submit("d"), ac.stats())
+            return first, second, stats
+
+    first, second, stats = asyncio.run(asyncio.wait_for(main(), WAIT))
+    assert (first, second, stats["submitted"]) == (3, 4, 4)
+
+
 # ------------------------------------------------------------------ AsyncClient
 
 

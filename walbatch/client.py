@@ -113,6 +113,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pending: deque[tuple[Any, Future[dict[str, Any]]]] = deque()
         self._ids = itertools.count(1)
@@ -163,20 +164,26 @@ class Client:
     def send(self, msg: dict[str, Any]) -> Future[dict[str, Any]]:
         """Pipeline one request; its Future yields the response map (ok or not)."""
         fut: Future[dict[str, Any]] = Future()
-        with self._lock:
-            if self._closed:
-                raise Closed("the client is closed")
-            sock = self._connect()
-            rid = next(self._ids)
-            frame = protocol.encode({**msg, "id": rid})
-            self._pending.append((rid, fut))
+        # _send_lock keeps frames whole and in the order of _pending; _lock guards
+        # _pending alone, so the reader thread can take answers while a sender is
+        # blocked in sendall (holding one lock for both deadlocked: the daemon stops
+        # reading when we stop reading its answers).
+        with self._send_lock:
+            with self._lock:
+                if self._closed:
+                    raise Closed("the client is closed")
+                sock = self._connect()
+                rid = next(self._ids)
+                frame = protocol.encode({**msg, "id": rid})
+                self._pending.append((rid, fut))
             try:
                 sock.sendall(frame)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon closed the connection: the reader thread hands out what it
                 #       answered before closing (e.g. forbidden), then fails the rest
             except OSError as ex:
-                self._broken(sock, ex)
+                with self._lock:
+                    self._broken(sock, ex)
         return fut
 
     # ---------------------------------------------------------- connection
@@ -296,10 +303,11 @@ class AsyncClient:
     async def request(self, msg: dict[str, Any]) -> dict[str, Any]:
         writer = await self._connect()
         rid = next(self._ids)
+        frame = protocol.encode({**msg, "id": rid})  # before _pending: a bad item sends nothing
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((rid, fut))
         try:
-            writer.write(protocol.encode({**msg, "id": rid}))
+            writer.write(frame)
             await writer.drain()
         except (OSError, RuntimeError) as ex:
             self._broken(writer, ex)

@@ -61,8 +61,15 @@ class ProtocolError(Exception):
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    """One frame: length prefix + msgpack map."""
-    body = msgpack.packb(obj, use_bin_type=True)
+    """One frame: length prefix + msgpack map.
+
+    Raises TypeError (as ``submit`` does) for a value msgpack cannot encode.
+    """
+    try:
+        body = msgpack.packb(obj, use_bin_type=True)
+    except (TypeError, OverflowError, ValueError) as ex:
+        raise TypeError(f"cannot send this request: items and keys must be msgpack-serialisable "
+                        f"(None, bool, 64-bit int, float, str, bytes, list, tuple, dict): {ex}") from None
     return _LEN.pack(len(body)) + body
 
 
