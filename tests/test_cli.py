@@ -175,6 +175,30 @@ def test_submit_stdin_stops_at_a_malformed_line_and_keeps_the_lines_before_it(tm
                        {"seq": 3, "item": "three"}]
 
 
+@pytest.mark.parametrize("bad", ["123456789012345678901234", '"\\ud800"'], ids=["int", "surrogate"])
+def test_submit_stops_at_valid_json_msgpack_cannot_take_naming_its_line(tmp_path, bad):
+    data = tmp_path / "data"
+    result = wb("submit", "--direct", "--data-dir", data, "--batch", "1",
+                input=f'{{"a": 1}}\n{{"a": 2}}\n{bad}\n{{"a": 4}}\n', code=1)
+    line = one_error_line(result)
+    assert "line 3: cannot be submitted" in line and "2 item(s) before it" in line
+    assert "acknowledged 2 item(s)" in result.stdout
+    assert [r["item"] for r in dump(data)] == [{"a": 1}, {"a": 2}]
+
+
+def test_submit_refuses_a_bad_key_as_a_usage_error(tmp_path):
+    result = wb("submit", "--direct", "--data-dir", tmp_path / "data", "--key", "é" * 600, "1", code=2)
+    assert "--key" in result.stderr and "1200 bytes" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_dump_and_dlq_list_write_tuple_dict_keys_as_json_text(tmp_path):
+    data = tmp_path / "data"
+    with DurableBatcher(data, None) as b:
+        b.submit({(1, "a"): "x", "plain": {(2,): 3}})
+    assert dump(data) == [{"seq": 1, "item": {'[1,"a"]': "x", "plain": {"[2]": 3}}}]
+
+
 def test_submit_through_the_daemon_in_several_requests(tmp_path):
     data = tmp_path / "data"
     lines = "".join(json.dumps({"n": n}) + "\n" for n in range(25))
@@ -472,6 +496,8 @@ def test_every_error_path_prints_one_line_and_no_traceback(tmp_path, args):
     ["submit", "--batch", "0"],
     ["nosuchcommand"],
     ["dump", "--from", "5", "--to", "2"],
+    ["serve", "--socket-mode", "-1"],
+    ["serve", "--socket-mode", "7777"],
     ["dlq", "list", "--limit", "99999999999999999999"],
 ])
 def test_usage_errors_exit_2_without_a_traceback(tmp_path, args):

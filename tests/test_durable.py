@@ -211,6 +211,15 @@ def test_submit_of_an_unserialisable_item_raises_type_error_naming_its_type(make
     assert sink.items == ["ok"]
 
 
+@pytest.mark.parametrize("one_item", ["abc", b"abc", {"a": 1, "b": 2}], ids=["str", "bytes", "dict"])
+def test_submit_many_of_a_single_str_bytes_or_dict_is_a_type_error(make, one_item):
+    # Each is iterable: "abc" used to become three items, a dict its keys.
+    b = make(Collector())
+    with pytest.raises(TypeError, match="use submit for one item"):
+        b.submit_many(one_item)
+    assert b.stats().submitted == 0
+
+
 def test_submit_many_of_nothing_writes_nothing(make):
     b = make(Collector())
     receipts = b.submit_many([])

@@ -144,7 +144,9 @@ def test_replay_after_reopen_batches_by_key_again(make, logdir):
 
 
 @pytest.mark.parametrize("key, error", [(True, TypeError), (1.5, TypeError), ({"a": 1}, TypeError),
-                                        ("x" * 1025, ValueError), (1 << 64, ValueError)])
+                                        ("x" * 1025, ValueError), (1 << 64, ValueError),
+                                        ("é" * 513, ValueError),  # 1,026 bytes: the limit is bytes
+                                        ("\ud800", ValueError)])
 def test_a_bad_key_is_refused_before_anything_is_written(make, key, error):
     b = make(KeyRecorder())
     with pytest.raises(error):

@@ -25,11 +25,12 @@ import tomllib
 from typing import Any
 
 import click
+import msgpack
 
 from . import __version__
 from .durable import DurableBatcher
 from .errors import LogLocked, WalbatchError, format_seqs
-from .keys import Keyed
+from .keys import Keyed, check_key
 from .log import Log
 from .options import Options
 
@@ -226,8 +227,10 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     try:
         mode = int(socket_mode, 8)
     except ValueError:
-        raise click.BadParameter(f"{socket_mode!r} is not an octal mode",
-                                 param_hint="--socket-mode") from None
+        mode = -1
+    if not 0 <= mode <= 0o777:  # no sign, no setuid/sticky bits
+        raise click.BadParameter(f"{socket_mode!r} is not an octal mode from 0000 to 0777",
+                                 param_hint="--socket-mode")
     opts = _options_from(kwargs)
     os.makedirs(data_dir, exist_ok=True)
     socket_path = socket_path or os.path.join(data_dir, "walbatch.sock")
@@ -268,7 +271,20 @@ def _json_default(v: Any) -> Any:
 
 
 def _dumps(v: Any) -> str:
-    return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    except TypeError:  # a dict key JSON has no form for (a tuple): write it as JSON text
+        return json.dumps(_json_keys(v), default=_json_default, separators=(",", ":"),
+                          ensure_ascii=False)
+
+
+def _json_keys(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {(k if k is None or isinstance(k, (str, int, float)) else _dumps(k)): _json_keys(x)
+                for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_keys(x) for x in v]
+    return v
 
 
 def _require_log_dir(data_dir: str) -> None:
@@ -311,6 +327,11 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
         walbatch submit '{"user": 3}' '"a string item"'
         walbatch submit --key tenant-7 < events.jsonl
     """
+    if key is not None:
+        try:
+            check_key(key)
+        except (TypeError, ValueError) as ex:
+            raise click.BadParameter(str(ex), param_hint="--key") from None
     sources = enumerate(items, 1) if items else enumerate(sys.stdin, 1)
     label = "argument" if items else "line"
     acked = 0
@@ -337,10 +358,16 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
             if not text.strip():
                 continue
             try:
-                batch.append(json.loads(text))
+                item = json.loads(text)
             except json.JSONDecodeError as ex:
                 error = f"{label} {n}: not valid JSON ({ex.msg} at column {ex.colno})"
                 break
+            try:  # valid JSON msgpack cannot take: an int beyond 64 bits, a lone surrogate
+                msgpack.packb(item)
+            except (TypeError, OverflowError, ValueError) as ex:
+                error = f"{label} {n}: cannot be submitted ({ex})"
+                break
+            batch.append(item)
             if len(batch) >= batch_size:
                 acked += send(batch)
                 batch = []

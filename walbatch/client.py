@@ -389,6 +389,9 @@ def _submit(item: Any, key: Any) -> dict[str, Any]:
 
 
 def _submit_many(items: list[Any], key: Any) -> dict[str, Any]:
+    if isinstance(items, (str, bytes, bytearray, dict)):  # iterable, but surely one item
+        raise TypeError(f"submit_many takes a list of items, not a {type(items).__name__}; "
+                        "use submit for one item")
     msg = {"op": "submit", "items": list(items)}
     if key is not None:
         msg["key"] = key

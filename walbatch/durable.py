@@ -60,6 +60,9 @@ def _encode_keyed(item: Any, key: Any) -> bytes:
 
 def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
     """The concatenated msgpack encodings of ``items`` (a frame payload) and their count."""
+    if isinstance(items, (str, bytes, bytearray, dict)):  # iterable, but surely one item
+        raise TypeError(f"submit_many takes a list (or other iterable) of items, not a "
+                        f"{type(items).__name__}; use submit for one item")
     seq = items if isinstance(items, list) else list(items)
     if key is not None:
         check_key(key)

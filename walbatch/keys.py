@@ -33,8 +33,15 @@ def check_key(key: Any) -> None:
         raise TypeError(f"key must be a str, int or bytes, not {type(key).__name__}")
     if isinstance(key, int) and not -(1 << 63) <= key < (1 << 64):
         raise ValueError(f"key {key} does not fit in 64 bits")
-    if isinstance(key, (str, bytes)) and len(key) > MAX_KEY_BYTES:
-        raise ValueError(f"key is {len(key)} long; the limit is {MAX_KEY_BYTES}")
+    if isinstance(key, str):
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError:
+            raise ValueError("key is not valid text (it holds a lone surrogate)") from None
+    else:
+        size = len(key) if isinstance(key, bytes) else 0
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"key is {size} bytes long; the limit is {MAX_KEY_BYTES}")
 
 
 def wrap(key_bytes: bytes, item_bytes: bytes) -> msgpack.ExtType:

@@ -109,7 +109,8 @@ class FrameDecoder:
             try:
                 out.append((unpack_one(body), n))
             except Exception as ex:  # msgpack raises several unrelated types
-                out.append((ProtocolError(BAD_FRAME, f"frame body is not valid msgpack: {ex}"), n))
+                why = f"{type(ex).__name__}: {ex}" if str(ex) else type(ex).__name__
+                out.append((ProtocolError(BAD_FRAME, f"frame body is not valid msgpack ({why})"), n))
         del buf[:pos]
         return out
 
