@@ -290,6 +290,39 @@ def test_a_flush_pipelined_behind_submits_covers_them(daemons):
     assert len(db_rows(d.db)) == 1000
 
 
+def test_long_flushes_neither_starve_other_clients_nor_hold_up_shutdown(daemons, tmp_path):
+    # Each waiting flush used to hold a thread of the daemon's small executor: a
+    # dozen long ones made another client's flush(timeout=1) wait far longer, and
+    # SIGTERM waited behind them too (closing the batcher needs that executor).
+    (tmp_path / "downsink.py").write_text("def write(batch):\n    raise ConnectionError('down')\n")
+    d = daemons("data", "--sink", "downsink:write", "--shutdown-timeout", "1",
+                env={"PYTHONPATH": str(tmp_path)})
+    with Client(d.socket_path, timeout=WAIT) as c:
+        c.submit("stays in the log")
+    long_ones = [raw_connect(d.socket_path) for _ in range(12)]
+    try:
+        for s in long_ones:
+            s.sendall(protocol.encode({"id": 1, "op": "flush", "timeout": 3600}))
+        time.sleep(0.5)
+        with Client(d.socket_path, timeout=WAIT) as c:
+            t0 = time.monotonic()
+            with pytest.raises(walbatch.client.RemoteError) as info:
+                c.flush(timeout=1)
+            took = time.monotonic() - t0
+        assert info.value.code == "timeout"
+        assert took < 10, f"flush(timeout=1) answered after {took:.1f}s"
+        t0 = time.monotonic()
+        assert d.stop(signal.SIGTERM, timeout=WAIT) == 0
+        assert time.monotonic() - t0 < 15
+        answers = [read_frame(s) for s in long_ones]  # answered, not cut off
+        assert all(a is not None and a["code"] == "shutting_down" for a in answers), answers
+    finally:
+        for s in long_ones:
+            s.close()
+    with walbatch.DurableBatcher(d.data_dir, None) as w:
+        assert w.stats().pending == 1  # still in the log for the next start
+
+
 def test_submit_one_and_many_reach_sqlite(daemons):
     d = daemons()
     with Client(d.socket_path, timeout=WAIT) as c:

@@ -476,6 +476,12 @@ class DurableBatcher:
             raise RuntimeError("flush() called from inside the sink would wait for itself")
         self._flusher.flush(self._log.synced_seq, timeout)
 
+    async def aflush(self, timeout: float | None = None) -> None:
+        """``flush`` for asyncio: same result and errors, without holding a thread."""
+        if self._sink is None:
+            raise Closed("this batcher has no sink (sink=None): it only writes the log")
+        await self._flusher.aflush(self._log.synced_seq, timeout)
+
     def stats(self) -> Stats:
         return collect_stats(self._log, self._flusher, self._committer.groups)
 

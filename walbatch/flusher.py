@@ -15,6 +15,7 @@ delivered or durably dead-lettered, whatever order batches complete in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -733,26 +734,55 @@ class Flusher:
     def flush(self, target: int, timeout: float | None) -> None:
         end = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            self._flush_target = max(self._flush_target, target)
-            self._flush_waiters += 1
-            self._cv.notify_all()
+            self._begin_flush(target)
             try:
-                while self.persisted.seq < target:
-                    if self.fatal is not None:
-                        raise self.fatal
-                    if self.exited.is_set():
-                        from .errors import Closed
-
-                        raise Closed("the batcher is closed")
-                    left = None if end is None else end - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(
-                            f"flush: {target - self.done_through} item(s) not delivered "
-                            f"within {timeout}s"
-                            + (f"; last sink error: {self.last_error}" if self.last_error else ""))
-                    self._cv.wait(0.5 if left is None else min(left, 0.5))
+                while not self._flushed(target, timeout, end):
+                    self._cv.wait(0.5 if end is None else max(0.0, min(end - time.monotonic(), 0.5)))
             finally:
                 self._flush_waiters -= 1
+
+    async def aflush(self, target: int, timeout: float | None) -> None:
+        """``flush`` for asyncio, holding no thread while it waits (it polls, 1-20 ms).
+
+        A thread per waiting flush let a few long flushes take every thread of
+        the daemon's executor, stalling other clients and the shutdown.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._begin_flush(target)
+        try:
+            delay = 0.001
+            while True:
+                with self._cv:
+                    if self._flushed(target, timeout, end):
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+        finally:
+            with self._cv:
+                self._flush_waiters -= 1
+
+    def _begin_flush(self, target: int) -> None:
+        """(Holding _cv.) Deliver through ``target`` now, without waiting for batch triggers."""
+        self._flush_target = max(self._flush_target, target)
+        self._flush_waiters += 1
+        self._cv.notify_all()
+
+    def _flushed(self, target: int, timeout: float | None, end: float | None) -> bool:
+        """(Holding _cv.) True once ``target`` is checkpointed; raises why it never will be."""
+        if self.persisted.seq >= target:
+            return True
+        if self.fatal is not None:
+            raise self.fatal
+        if self.exited.is_set():
+            from .errors import Closed
+
+            raise Closed("the batcher is closed")
+        if end is not None and time.monotonic() >= end:
+            raise TimeoutError(
+                f"flush: {target - self.done_through} item(s) not delivered within {timeout}s"
+                + (f"; last sink error: {self.last_error}" if self.last_error else ""))
+        return False
 
     def wake(self) -> None:
         """New data may be in the log (follow mode): look again."""

@@ -233,9 +233,20 @@ class Server:
 
     async def _flush(self, req: protocol.Request) -> dict[str, Any]:
         timeout = self.opts.flush_timeout if req.timeout is None else req.timeout
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.batcher.flush, timeout)
+            flushed = asyncio.ensure_future(self.batcher.aflush(timeout))
+            assert self._stop is not None
+            stopping = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({flushed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+            if not flushed.done():  # a shutdown must not wait for flushes of up to an hour
+                flushed.cancel()
+                return protocol.error(req.id, protocol.SHUTTING_DOWN,
+                                      "the daemon is shutting down before the flush completed; "
+                                      "what is not delivered stays in the log for its next start")
+            flushed.result()
         except TimeoutError as ex:
             return protocol.error(req.id, protocol.TIMEOUT, str(ex))
         except CorruptLog as ex:
