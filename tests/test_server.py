@@ -11,6 +11,7 @@ import collections
 import grp
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -321,6 +322,35 @@ def test_long_flushes_neither_starve_other_clients_nor_hold_up_shutdown(daemons,
             s.close()
     with walbatch.DurableBatcher(d.data_dir, None) as w:
         assert w.stats().pending == 1  # still in the log for the next start
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+def test_connections_beyond_the_fd_limit_get_busy_and_everyone_else_is_served(daemons):
+    # With 128 descriptors, 100 idle connections used to leave none for a new
+    # segment or the SQLite sink (write_failed for every client) while asyncio
+    # logged a traceback per second for the accepts it could not make.
+    d = daemons("data", "--segment-bytes", "4096", "--max-log-bytes", "1MiB",
+                cmd=["prlimit", "--nofile=128:128", "--"])
+    with Client(d.socket_path, timeout=WAIT) as c:
+        assert c.ping()["pong"] is True  # connected before the others
+        idle = [raw_connect(d.socket_path) for _ in range(100)]
+        try:
+            time.sleep(1.0)
+            answered, _, _ = select.select(idle, [], [], 0)  # the served ones stay silent
+            busy = [read_frame(s) for s in answered]
+            assert busy and all(a is not None and a["code"] == "busy" for a in busy), busy
+            assert len(busy) >= 100 - (128 - 64)
+            # The client that was there first goes on, across several new segments.
+            seqs = [c.submit({"n": n, "pad": "x" * 500}) for n in range(40)]
+            c.flush(timeout=WAIT)
+        finally:
+            for s in idle:
+                s.close()
+    assert seqs == list(range(1, 41))
+    assert len(db_rows(d.db)) == 40
+    with Client(d.socket_path, timeout=WAIT) as c:  # room again once they left
+        assert c.ping()["pong"] is True
+    assert d.log().count("Traceback") == 0, d.log()[-2000:]
 
 
 def test_submit_one_and_many_reach_sqlite(daemons):

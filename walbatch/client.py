@@ -56,6 +56,10 @@ class Forbidden(RemoteError, PermissionError):
     """This peer is not on the daemon's allow-list (forbidden)."""
 
 
+class Busy(RemoteError, ConnectionRefusedError):
+    """The daemon has no room for another connection (busy); nothing was sent. Retry later."""
+
+
 class RemoteCorruptLog(RemoteError):
     """The daemon's log is damaged (corrupt_log); see ``walbatch verify``."""
 
@@ -74,13 +78,14 @@ _BY_CODE: dict[str, type[RemoteError]] = {
     protocol.WRITE_FAILED: RemoteWriteFailed,
     protocol.TIMEOUT: RemoteTimeout,
     protocol.FORBIDDEN: Forbidden,
+    protocol.BUSY: Busy,
     protocol.CORRUPT_LOG: RemoteCorruptLog,
 }
 
 
 # Codes after which the daemon closes the connection (docs/protocol.md): the client drops it
 # before handing out the answer, so the next call reconnects instead of writing into a dead socket.
-_CLOSING_CODES = (protocol.TOO_LARGE, protocol.FORBIDDEN)
+_CLOSING_CODES = (protocol.TOO_LARGE, protocol.FORBIDDEN, protocol.BUSY)
 
 
 def _closes(value: Any) -> bool:

@@ -38,6 +38,7 @@ SHUTTING_DOWN = "shutting_down"
 WRITE_FAILED = "write_failed"  # the disk refused the write; nothing acknowledged
 TIMEOUT = "timeout"
 FORBIDDEN = "forbidden"  # the peer is not on the allow-list (fatal)
+BUSY = "busy"  # the daemon has as many connections as its file limit allows (fatal)
 CORRUPT_LOG = "corrupt_log"
 INTERNAL = "internal"
 

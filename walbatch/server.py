@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -66,13 +67,19 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._created_socket: str | None = None
         self.address: str | None = None
+        self._max_conns = 1 << 30
+        self._busy_logged = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
     async def serve(self) -> None:
         """Run until ``request_stop`` (or SIGTERM/SIGINT), then shut down cleanly."""
-        _raise_fd_limit()
+        # Connections may use all file descriptors but a reserve for the log's
+        # segments, the checkpoint and the sink; beyond that, accepting one more
+        # would make the next segment or sink connection fail for everyone.
+        self._max_conns = max(8, _raise_fd_limit() - _FD_RESERVE)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_accept_errors)
         self._stop = asyncio.Event()
         sock = self._listening_socket()
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
@@ -173,6 +180,20 @@ class Server:
             log.warning("walbatch refused a connection: %s", why)
             with contextlib.suppress(ConnectionError):
                 writer.write(protocol.encode(protocol.error(None, protocol.FORBIDDEN, why)))
+                await writer.drain()
+            writer.close()
+            return
+        if len(self._conns) >= self._max_conns:
+            now = time.monotonic()
+            if now - self._busy_logged > 10:
+                self._busy_logged = now
+                log.warning("walbatch: refusing connections: %d open, the most the file "
+                            "descriptor limit allows (raise it with ulimit -n / LimitNOFILE)",
+                            len(self._conns))
+            with contextlib.suppress(ConnectionError):
+                writer.write(protocol.encode(protocol.error(
+                    None, protocol.BUSY, f"the daemon has {len(self._conns)} connections, its "
+                    "limit; retry later")))
                 await writer.drain()
             writer.close()
             return
@@ -334,6 +355,11 @@ class _Connection:
             fut, size = entry
             response = await fut
             try:
+                if writer.transport.is_closing():
+                    # The client is gone: its requests still run (a submit is durable
+                    # all the same), but their answers have nowhere to go.
+                    self.stop_reading()
+                    continue
                 writer.write(protocol.encode(response))
                 if self.queue.empty() or writer.transport.get_write_buffer_size() > (1 << 20):
                     await writer.drain()
@@ -353,14 +379,40 @@ def _done(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
     return fut
 
 
-def _raise_fd_limit() -> None:
-    """Allow as many connections as the hard limit does (the soft default is often 1024)."""
+_FD_RESERVE = 64
+
+
+def _raise_fd_limit() -> int:
+    """Allow as many connections as the hard limit does (the soft default is often 1024).
+
+    Returns the file descriptor limit in force.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+_accept_error_logged = [0.0]
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """One line per 10 s for asyncio's "out of system resource" accept errors.
+
+    asyncio retries accept() every second and logs a traceback each time; with
+    the descriptors used up that filled the log at megabytes a minute.
+    """
+    if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+        now = time.monotonic()
+        if now - _accept_error_logged[0] > 10:
+            _accept_error_logged[0] = now
+            log.error("walbatch: cannot accept connections: %s (out of file descriptors?)",
+                      context.get("exception"))
+        return
+    loop.default_exception_handler(context)
 
 
 def sd_notify(state: str) -> None:
