@@ -11,6 +11,7 @@ from helpers import WAIT, Collector
 
 from walbatch import (
     DeadLettered,
+    DurableBatcher,
     PermanentSinkError,
     SinkError,
 )
@@ -408,3 +409,31 @@ def test_fully_delivered_segments_are_deleted(make, logdir):
     assert after.log_bytes < before.log_bytes
     assert len(list((logdir / "segments").iterdir())) == 1
     assert len(sink.items) == 300
+
+
+def test_a_checkpoint_that_cannot_be_written_is_retried_once_a_second_and_flush_says_so(tmp_path):
+    # A full disk made the checkpoint write fail at every loop turn while a flush
+    # waited (a warning each time, ~10/s), and the flush's timeout said "0 item(s)
+    # not delivered" after everything had been delivered.
+    import errno
+
+    from walbatch.simfs import SimFileSystem
+
+    fs = SimFileSystem()
+    sink = Collector()
+    b = DurableBatcher(str(tmp_path), sink, _fs=fs, max_delay=0.01)  # dlq.db: a real file
+    try:
+        b.submit_many(["a", "b"])
+        fs.fail("write_file", errno.ENOSPC, times=1000, path_contains="checkpoint")
+        with pytest.raises(TimeoutError, match="delivered, but the checkpoint could not be written"):
+            b.flush(timeout=2.5)
+        assert sink.items == ["a", "b"]
+        with fs._mu:
+            left = sum(1 for op, _, _ in fs._faults if op == "write_file")
+        assert 1000 - left <= 5, f"{1000 - left} checkpoint writes in 2.5 s"
+        with fs._mu:
+            fs._faults.clear()  # space again
+        b.flush(timeout=WAIT)
+        assert b.stats().last_checkpoint == 2
+    finally:
+        b.close(timeout=1)

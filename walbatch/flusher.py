@@ -98,6 +98,8 @@ class Flusher:
         self._flush_target = 0
         self._flush_waiters = 0
         self._last_cp_write = time.monotonic()
+        self._cp_retry_at = 0.0  # after a failed checkpoint write: not before this
+        self._cp_warned = -1e9
         # --- lifecycle
         self._stop = threading.Event()
         self._deadline: float | None = None
@@ -677,6 +679,8 @@ class Flusher:
             if self.done_through <= self.persisted.seq:
                 return
             now = time.monotonic()
+            if now < self._cp_retry_at and not (force and self._stop.is_set()):
+                return
             if not (force or self._flush_waiters or self._stop.is_set()
                     or now - self._last_cp_write >= self.opts.checkpoint_interval):
                 return
@@ -688,10 +692,16 @@ class Flusher:
         except OSError as ex:
             # A full disk (ENOSPC) is transient: delivery goes on, and the next
             # attempt writes a checkpoint covering everything delivered by then.
+            now = time.monotonic()
             with self._cv:
                 self.last_error = f"checkpoint write failed: {type(ex).__name__}: {ex}"
-                self._last_cp_write = time.monotonic()
-            log.warning("walbatch: %s; will retry", self.last_error)
+                self._last_cp_write = now
+                # Not at every loop turn (a waiting flush forces one each time): once a
+                # second, and a warning at most every 30 s.
+                self._cp_retry_at = now + 1.0
+            if now - self._cp_warned >= 30.0:
+                self._cp_warned = now
+                log.warning("walbatch: %s; retrying every second", self.last_error)
             return
         with self._cv:
             self.persisted = cp
@@ -779,6 +789,10 @@ class Flusher:
 
             raise Closed("the batcher is closed")
         if end is not None and time.monotonic() >= end:
+            if self.done_through >= target:
+                raise TimeoutError(f"flush: everything through seq {target} was delivered, but "
+                                   f"the checkpoint could not be written within {timeout}s"
+                                   + (f": {self.last_error}" if self.last_error else ""))
             raise TimeoutError(
                 f"flush: {target - self.done_through} item(s) not delivered within {timeout}s"
                 + (f"; last sink error: {self.last_error}" if self.last_error else ""))
