@@ -323,6 +323,33 @@ def test_an_empty_marker_still_lets_a_torn_tail_be_trimmed(tmp_path) -> None:
         log.close()
 
 
+def test_another_logs_segment_is_corruption_that_quarantine_moves_aside(tmp_path) -> None:
+    # It used to raise CorruptLog in every mode, so `verify --repair`, which the
+    # error recommends, could not get past it.
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    make_log(ours, [["a"], ["b"], ["c"], ["d"]], segment_bytes=1)  # one segment per record
+    make_log(theirs, [["x"], ["y"]], segment_bytes=1)
+    foreign = seg_paths(ours)[1]  # seq 2's segment, replaced by another log's file
+    with open(seg_paths(theirs)[0], "rb") as src, open(foreign, "wb") as dst:
+        dst.write(src.read())
+    with pytest.raises(CorruptLog, match="belongs to log") as info:
+        Log.open(str(ours))
+    assert info.value.seqs == (2, 2)
+    log = Log.open(str(ours), on_corruption="quarantine")
+    try:
+        assert [(r.first, r.last) for r in log.lost] == [(2, 2)]
+        frames = read_all(log)  # seq 2 is read as lost, and nothing of theirs is read
+        assert [(f.first_seq, f.payload is None) for f in frames] == [
+            (1, False), (2, True), (3, False), (4, False)]
+        assert [msgpack.unpackb(f.payload) for f in frames if f.payload] == ["a", "c", "d"]
+        assert log.next_seq == 5
+    finally:
+        log.close()
+    assert not os.path.exists(foreign)
+    assert os.path.exists(os.path.join(ours, QUARANTINE_DIR, os.path.basename(foreign) + ".foreign"))
+    Log.open(str(ours)).close()  # repaired: opens without complaint
+
+
 def test_garbage_inserted_between_intact_frames_raises_without_lost_seqs(tmp_path) -> None:
     make_log(tmp_path, [["a"], ["b"]])
     path = seg_paths(tmp_path)[0]

@@ -282,7 +282,14 @@ class Log:
             is_last = idx == len(names) - 1
             next_first = names[idx + 1][0] if not is_last else None
             if scan.log_id is not None and scan.log_id != cp.log_id:
-                raise CorruptLog(path, 8, f"segment belongs to log {scan.log_id}, not {cp.log_id}")
+                # Another log's file: none of its frames is ours. Quarantine moves it out
+                # of segments/ (nothing may read it); the seqs its name claims are lost.
+                last_here = (next_first - 1) if next_first is not None else expected - 1
+                rec.damage(path, 0, len(data), f"segment belongs to log {scan.log_id}, not "
+                           f"{cp.log_id}", (expected, last_here) if last_here >= expected else None,
+                           data, remove=True)
+                expected = max(expected, last_here + 1)
+                continue
             if scan.header_error and not scan.frames and is_last and len(data) <= HEADER_SIZE:
                 # Crash while the segment was being created: nothing in it was acknowledged.
                 rec.torn(path, 0, len(data), f"incomplete segment header ({scan.header_error})",
@@ -963,11 +970,17 @@ class _Recovery:
         self.readonly = readonly
         self.findings: list[Finding] = []
         self.lost: list[LostRange] = []
+        self.removed: list[str] = []
         self._raw: list[bytes] = []
+        self.known_seqs: list[tuple[int, int]] = []
         self.known = self._reported_ranges()
 
     def _reported_ranges(self) -> set[tuple[str, int]]:
-        """(segment, offset) of damage an earlier quarantine already moved aside."""
+        """(segment, offset) of damage an earlier quarantine already moved aside.
+
+        Also fills ``known_seqs``: the seqs it reported lost (a quarantined file
+        shows up afterwards as a gap at another place).
+        """
         path = os.path.join(self.directory, QUARANTINE_DIR, QUARANTINE_REPORT)
         if not self.fs.exists(path):
             return set()
@@ -976,6 +989,9 @@ class _Recovery:
             try:
                 entry = json.loads(line)
                 known.add((str(entry["segment"]), int(entry["offset"])))
+                if entry.get("lost_seqs"):
+                    first, last = entry["lost_seqs"]
+                    self.known_seqs.append((int(first), int(last)))
             except (ValueError, KeyError, TypeError):
                 log.warning("walbatch: ignoring a malformed line in %s: %.80r", path, line)
         return known
@@ -1003,15 +1019,19 @@ class _Recovery:
             log.warning("walbatch recovery: %s", finding.describe())
 
     def damage(self, path: str, offset: int, length: int, reason: str,
-               seqs: tuple[int, int] | None, raw: bytes = b"") -> None:
+               seqs: tuple[int, int] | None, raw: bytes = b"", remove: bool = False) -> None:
+        """Record damage; ``remove``: the whole file goes to quarantine (a foreign segment)."""
         cp = self.cp.seq
+        if remove and self.mode == "quarantine" and not self.readonly:
+            self.removed.append(path)
         if seqs is not None and seqs[1] <= cp:
             self.findings.append(Finding(path, offset, length, reason + " (already delivered)",
                                          seqs, "ignored"))
             return
         if seqs is not None and seqs[0] <= cp:
             seqs = (cp + 1, seqs[1])
-        reported = (os.path.basename(path), offset) in self.known
+        reported = (os.path.basename(path), offset) in self.known or (
+            seqs is not None and any(a <= seqs[0] and seqs[1] <= b for a, b in self.known_seqs))
         if self.mode == "raise" and not reported:
             raise CorruptLog(path, offset, reason, seqs)
         action = "quarantined" if self.mode == "quarantine" or reported else "corrupt"
@@ -1024,12 +1044,17 @@ class _Recovery:
         """Write the quarantine report and the damaged bytes (quarantine mode)."""
         if self.mode != "quarantine" or self.readonly:
             return self.lost
+        qdir = os.path.join(self.directory, QUARANTINE_DIR)
+        for path in self.removed:  # another log's segment: out of segments/, kept as it was
+            self.fs.makedirs(qdir)
+            self.fs.rename(path, os.path.join(qdir, os.path.basename(path) + ".foreign"))
+            self.fs.fsync_dir(os.path.dirname(path))
+            self.fs.fsync_dir(qdir)
         entries = [(f, raw) for f, raw in zip(
             [f for f in self.findings if f.action in ("quarantined", "corrupt")], self._raw,
             strict=True) if f.action == "quarantined"]
         if not entries:
             return self.lost
-        qdir = os.path.join(self.directory, QUARANTINE_DIR)
         self.fs.makedirs(qdir)
         report_path = os.path.join(qdir, QUARANTINE_REPORT)
         known = self.fs.read_file(report_path).decode() if self.fs.exists(report_path) else ""
