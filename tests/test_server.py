@@ -353,6 +353,32 @@ def test_connections_beyond_the_fd_limit_get_busy_and_everyone_else_is_served(da
     assert d.log().count("Traceback") == 0, d.log()[-2000:]
 
 
+def test_requests_unread_at_sigterm_are_answered_shutting_down_not_cut_off(daemons):
+    # They used to be cut off with the connection: the client could not tell
+    # whether they took effect, so a retry could duplicate an item.
+    d = daemons()
+    n = 3000
+    with raw_connect(d.socket_path, timeout=WAIT) as s:
+        s.sendall(b"".join(protocol.encode({"id": i, "op": "submit", "item": {"i": i}})
+                           for i in range(n)))
+        d.proc.send_signal(signal.SIGTERM)
+        answers = []
+        while len(answers) < n:
+            a = read_frame(s)
+            if a is None:
+                break
+            answers.append(a)
+    assert d.proc.wait(WAIT) == 0  # (d.stop() would signal again: the default action by then)
+    assert [a["id"] for a in answers] == list(range(n)), "every request was answered, in order"
+    ok = [a for a in answers if a["ok"]]
+    assert all(a["code"] == "shutting_down" for a in answers if not a["ok"])
+    log = walbatch.log.Log.open(str(d.data_dir), readonly=True, on_corruption="report")
+    try:
+        assert log.synced_seq == len(ok)  # acknowledged means written, refused means not
+    finally:
+        log.close()
+
+
 def test_submit_one_and_many_reach_sqlite(daemons):
     d = daemons()
     with Client(d.socket_path, timeout=WAIT) as c:

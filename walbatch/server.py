@@ -295,6 +295,10 @@ class _Connection:
         self.done = asyncio.Event()
         self._read_task: asyncio.Task[None] | None = None
         self._last: Awaitable[dict[str, Any]] | None = None  # the latest request's answer
+        self._decoder = protocol.FrameDecoder(server.opts.max_frame_bytes)
+        self._fatal = False  # the stream broke (a bad length): nothing after it is a request
+        self._stopped = False
+        self._in_read = False
 
     async def run(self) -> None:
         sender = asyncio.ensure_future(self._send())
@@ -302,6 +306,8 @@ class _Connection:
         try:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._read_task
+            if self.server._stopping and not self._fatal:
+                await self._answer_unread()
             self.queue.put_nowait(None)
             await sender
         finally:
@@ -310,41 +316,68 @@ class _Connection:
             self.done.set()
 
     def stop_reading(self) -> None:
-        if self._read_task is not None:
+        # Only a read is interrupted: frames already taken off the socket are all
+        # queued (and so answered), or the client could not tell what took effect.
+        self._stopped = True
+        if self._read_task is not None and self._in_read:
             self._read_task.cancel()
 
     def abort(self) -> None:
         self.writer.transport.abort()
 
     async def _read(self) -> None:
-        decoder = protocol.FrameDecoder(self.server.opts.max_frame_bytes)
-        opts = self.server.opts
-        while True:
+        while not self._stopped:
+            self._in_read = True
             try:
                 data = await self.reader.read(_READ_SIZE)
             except ConnectionError:
                 return
+            finally:
+                self._in_read = False
             if not data:
                 return  # a frame cut off by the disconnect was never acknowledged
-            fatal: ProtocolError | None = None
-            try:
-                frames = decoder.feed(data)
-            except ProtocolError as ex:  # the stream cannot be trusted any more
-                frames, fatal = ex.frames, ex  # but the requests before the bad length are served
-            for msg, size in frames:
-                def has_room(size: int = size) -> bool:
-                    return self.pending < opts.max_pending and (
-                        self.pending == 0 or self.pending_bytes + size <= opts.max_pending_bytes)
-
-                async with self.room:
-                    await self.room.wait_for(has_room)
-                    self.pending += 1
-                    self.pending_bytes += size
-                self._last = self.server.start_request(msg, self._last)
-                self.queue.put_nowait((self._last, size))
-            if fatal is not None:
-                self.queue.put_nowait((_done(protocol.error(None, fatal.code, fatal.message)), 0))
+            if not await self._take(data):
                 return
+
+    async def _answer_unread(self) -> None:
+        """Shutdown: answer what the client sent but we had not read: shutting_down.
+
+        Cutting the connection instead left the client unsure whether those
+        requests took effect, so a retry could duplicate an item. Reading stops
+        once the client has been quiet for 50 ms (or the shutdown's wait ends).
+        """
+        while True:
+            try:
+                data = await asyncio.wait_for(self.reader.read(_READ_SIZE), 0.05)
+            except (TimeoutError, ConnectionError):
+                return
+            if not data or not await self._take(data):
+                return
+
+    async def _take(self, data: bytes) -> bool:
+        """Start serving the frames in ``data``; False once the stream cannot go on."""
+        opts = self.server.opts
+        fatal: ProtocolError | None = None
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as ex:  # the stream cannot be trusted any more
+            frames, fatal = ex.frames, ex  # but the requests before the bad length are served
+        for msg, size in frames:
+            def has_room(size: int = size) -> bool:
+                return self.pending < opts.max_pending and (
+                    self.pending == 0 or self.pending_bytes + size <= opts.max_pending_bytes)
+
+            async with self.room:
+                await self.room.wait_for(has_room)
+                self.pending += 1
+                self.pending_bytes += size
+            self._last = self.server.start_request(msg, self._last)
+            self.queue.put_nowait((self._last, size))
+        if fatal is not None:
+            self._fatal = True
+            self.queue.put_nowait((_done(protocol.error(None, fatal.code, fatal.message)), 0))
+            return False
+        return True
 
     async def _send(self) -> None:
         writer = self.writer
