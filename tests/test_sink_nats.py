@@ -178,10 +178,20 @@ def test_url_options_parse():
     ("nats://h?stream=EV&subject=ev.in&user=u", "user and password"),
     ("nats://tok@h?stream=EV&subject=ev.in&user=u&password=p", "not both"),
     ("nats://h?stream=EV&subject=ev.in&tls_cert=/c.pem", "tls_cert and tls_key"),
+    ("nats://h?stream=EV&stream=OTHER&subject=ev.in", "stream given more than once"),
+    ("nats://h?stream=EV&subject=" + "x" * 4000, "NATS takes at most"),
 ])
 def test_malformed_url_is_a_value_error_naming_the_problem(url, problem):
     with pytest.raises(ValueError, match=problem.replace("?", r"\?").replace("*", r"\*")):
         sink_from_url(url)
+
+
+def test_a_bad_url_never_shows_the_password_or_token():
+    for url in ("nats://alice:hunter2@h:4222?strem=x", "nats://s3cr3t@h:4222?strem=x",
+                "nats://h:4222?stream=EV&subject=ev.in&user=u&password=hunter2&bad=1"):
+        with pytest.raises(ValueError) as info:
+            sink_from_url(url)
+        assert "hunter2" not in str(info.value) and "s3cr3t" not in str(info.value)
 
 
 def test_every_url_option_is_documented():
@@ -372,6 +382,40 @@ def test_subject_template_routes_and_refuses_what_it_cannot_route(server, stream
     dead = {d.item["id"]: d.error for d in b.dead_letters.list()}
     assert set(dead) == {"3", "4", "5"}
     assert "not bound" in dead["3"] and "'.'" in dead["4"] and "no field" in dead["5"]
+
+
+def test_a_subject_too_long_for_nats_is_refused_alone(server, stream, make):
+    # The server drops a connection whose PUB line passes 4 KiB; the sink reconnected
+    # and sent the same batch again forever, and the items after it never went out.
+    root = stream.lower()
+    add_stream(server.url, stream, [f"{root}.*"], duplicate_window=600)
+    b = make(f"{server.url}?stream={stream}&subject={root}.{{t}}")
+    b.submit_many([{"id": "1", "t": "a"}, {"id": "2", "t": "x" * 5000}, {"id": "3", "t": "b"}])
+    b.flush(timeout=WAIT)
+    assert [json.loads(d)["id"] for _, _, d in read_stream(server.url, stream)] == ["1", "3"]
+    [dead] = b.dead_letters.list()
+    assert dead.item["id"] == "2" and "NATS takes at most" in dead.error
+
+
+def test_a_stream_named_error_is_acknowledged_like_any_other(server, make):
+    # Its PubAck holds "error" ({"stream":"error",...}): it was taken for a refusal.
+    add_stream(server.url, "error", ["errs.in"], duplicate_window=600)
+    try:
+        b = make(f"{server.url}?stream=error&subject=errs.in")
+        b.submit_many([{"id": "1"}, {"id": "2"}])
+        b.flush(timeout=WAIT)
+        assert b.stats().delivered == 2
+        assert [json.loads(d)["id"] for _, _, d in read_stream(server.url, "error")] == ["1", "2"]
+    finally:
+        run(_delete_stream(server.url, "error"))
+
+
+async def _delete_stream(servers, name: str) -> None:
+    nc = await _connect(servers)
+    try:
+        await nc.jetstream().delete_stream(name)
+    finally:
+        await nc.close()
 
 
 def test_literal_subject_outside_the_stream_is_refused_not_published(server, stream, caplog):

@@ -250,6 +250,33 @@ def test_a_trigger_that_raises_refuses_only_its_items(postgres, sinks, query, ta
     assert query(f"SELECT _seq, n FROM {table} ORDER BY _seq") == [(1, 1), (3, 3)]
 
 
+def test_a_trigger_pausing_writes_with_a_transient_sqlstate_is_retried(postgres, sinks, query, table):
+    query(f"CREATE TABLE {table} (_log_id text, _seq bigint, n int, PRIMARY KEY (_log_id, _seq))")
+    query(f"CREATE FUNCTION {table}_pause() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+          f"RAISE EXCEPTION 'paused for maintenance' USING ERRCODE = 'object_not_in_prerequisite_state';"
+          f" END $$")
+    query(f"CREATE TRIGGER {table}_pause BEFORE INSERT ON {table} "
+          f"FOR EACH ROW EXECUTE FUNCTION {table}_pause()")
+    sink = sinks(postgres.url(table=table, columns="n"))
+    with pytest.raises(SinkError, match="paused for maintenance") as info:
+        sink.write(batch({"n": 1}, {"n": 2}))
+    assert info.value.retryable
+    query(f"DROP TRIGGER {table}_pause ON {table}")
+    assert sink.write(batch({"n": 1}, {"n": 2})) is None
+    assert query(f"SELECT n FROM {table} ORDER BY _seq") == [(1,), (2,)]
+
+
+def test_an_item_too_deep_for_json_is_refused_alone(postgres, sinks, query, table):
+    deep: object = 1
+    for _ in range(1000):  # msgpack packs it (submit takes it); json.dumps runs out of stack
+        deep = [deep]
+    sink = sinks(postgres.url(table=table, create="1"))
+    outcomes = sink.write(batch({"n": 1}, deep, {"n": 3}))
+    assert outcomes is not None and outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PermanentSinkError) and "recursion" in str(outcomes[1])
+    assert [s for (s,) in query(f"SELECT _seq FROM {table} ORDER BY _seq")] == [1, 3]
+
+
 def test_through_a_batcher_only_bad_items_reach_the_dead_letters(make, postgres, query, table):
     query(f"CREATE TABLE {table} (_log_id uuid, _seq bigint, n int CHECK (n >= 0), "
           f"PRIMARY KEY (_log_id, _seq))")
@@ -381,6 +408,7 @@ def test_a_batcher_with_flush_concurrency_delivers_everything_once(make, postgre
     ("mode=columns&item_column=x", "item_column= is for mode=jsonb"),
     ("create=1&mode=columns", "create=1 with mode=columns"),
     ("bogus=1", "bogus"),
+    ("table=events&table=other", "table given more than once"),
 ])
 def test_a_bad_url_option_is_a_value_error_naming_it(query_string, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -39,6 +39,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -194,8 +195,9 @@ class HTTPSink:
         if not isinstance(max_body_bytes, int) or max_body_bytes < 64:
             raise ValueError(f"HTTP sink: max_body_bytes must be an integer >= 64; got {max_body_bytes!r}")
         self.max_body_bytes = max_body_bytes
-        if not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"HTTP sink: timeout must be a number of seconds > 0; got {timeout!r}")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            raise ValueError(f"HTTP sink: timeout must be a number of seconds from 0 to 86400 "
+                             f"(a day); got {timeout!r}")
         self.timeout = float(timeout)
         _check_header("Content-Type", content_type, what="content_type")
         self.retry_status = frozenset(retry_status)
@@ -361,7 +363,13 @@ class HTTPSink:
             conn = self._connection()
             reused = conn.sock is not None
             try:
-                conn.request("POST", self.path, body=body, headers=headers)
+                try:
+                    conn.request("POST", self.path, body=body, headers=headers)
+                except (ConnectionResetError, BrokenPipeError):
+                    # Many servers answer early (413 for a body over their limit, 401)
+                    # and close without reading the rest: that answer may be waiting.
+                    if not self._early_answer(conn):
+                        raise
                 resp = conn.getresponse()
                 data = _drain(resp)
                 if not resp.isclosed():
@@ -384,6 +392,18 @@ class HTTPSink:
                 conn.close()
                 raise self._transient(what, ex) from ex
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _early_answer(conn: http.client.HTTPConnection) -> bool:
+        """Did the server send a response before cutting our request off? (Then read it.)"""
+        sock = conn.sock
+        if sock is None:
+            return False
+        try:
+            sock.settimeout(0.5)
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
 
     def _transient(self, what: str, ex: BaseException) -> SinkError:
         with self._lock:

@@ -46,7 +46,7 @@ import msgpack
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from .base import Outcomes, require
+from .base import Outcomes, _redacted, require
 
 log = logging.getLogger("walbatch")
 
@@ -141,22 +141,26 @@ def parse_url(url: str) -> NATSOptions:
     """A ``nats://`` (or ``tls://``) sink URL -> options; ValueError naming what is wrong."""
     parts = urlsplit(url)
     scheme = parts.scheme
+    shown = _redacted(url)  # messages never show a password or token
     if scheme not in ("nats", "tls"):
-        raise ValueError(f"nats sink URL {url!r}: scheme must be nats:// or tls://")
+        raise ValueError(f"nats sink URL {shown!r}: scheme must be nats:// or tls://")
     if parts.path not in ("", "/"):
-        raise ValueError(f"nats sink URL {url!r}: unexpected path {parts.path!r}; stream and "
+        raise ValueError(f"nats sink URL {shown!r}: unexpected path {parts.path!r}; stream and "
                          "subject go in the query (?stream=NAME&subject=SUBJECT)")
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if not hosts:
-        raise ValueError(f"nats sink URL {url!r}: no server (nats://host:port[,host:port...])")
-    servers = _split_hosts(url, scheme, hosts)
+        raise ValueError(f"nats sink URL {shown!r}: no server (nats://host:port[,host:port...])")
+    servers = _split_hosts(shown, scheme, hosts)
     try:
         raw = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as ex:
-        raise ValueError(f"nats sink URL {url!r}: malformed query: {ex}") from None
+        raise ValueError(f"nats sink URL {shown!r}: malformed query: {ex}") from None
+    twice = sorted(k for k, v in raw.items() if len(v) > 1)
+    if twice:  # which one would win is a guess the user did not mean to make
+        raise ValueError(f"nats sink URL {shown!r}: option {twice[0]} given more than once")
     unknown = sorted(set(raw) - _QUERY_KEYS)
     if unknown:
-        raise ValueError(f"nats sink URL {url!r}: unknown option(s) {', '.join(unknown)}; "
+        raise ValueError(f"nats sink URL {shown!r}: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(_QUERY_KEYS))}")
     q = {k: v[-1] for k, v in raw.items()}
 
@@ -171,48 +175,51 @@ def parse_url(url: str) -> NATSOptions:
     password = q.get("password", password)
     token = q.get("token", token)
     if (user is None) != (password is None):
-        raise ValueError(f"nats sink URL {url!r}: user and password go together")
+        raise ValueError(f"nats sink URL {shown!r}: user and password go together")
     if token is not None and user is not None:
-        raise ValueError(f"nats sink URL {url!r}: give a token or a user and password, not both")
+        raise ValueError(f"nats sink URL {shown!r}: give a token or a user and password, not both")
 
     stream = q.get("stream", "")
     if not stream:
-        raise ValueError(f"nats sink URL {url!r}: missing ?stream=NAME")
+        raise ValueError(f"nats sink URL {shown!r}: missing ?stream=NAME")
     if not _NAME_RE.match(stream):
-        raise ValueError(f"nats sink URL {url!r}: stream name {stream!r} may not contain "
+        raise ValueError(f"nats sink URL {shown!r}: stream name {stream!r} may not contain "
                          "whitespace, '.', '*', '>', '/' or '\\'")
     subject = q.get("subject", "")
     if not subject:
-        raise ValueError(f"nats sink URL {url!r}: missing ?subject=SUBJECT (a literal subject, "
+        raise ValueError(f"nats sink URL {shown!r}: missing ?subject=SUBJECT (a literal subject, "
                          "or a template such as events.{type})")
     SubjectTemplate(subject)  # validates; raises ValueError
+    if len(subject.encode()) > MAX_SUBJECT_BYTES:
+        raise ValueError(f"nats sink URL {shown!r}: subject of {len(subject.encode())} bytes; "
+                         f"NATS takes at most {MAX_SUBJECT_BYTES}")
 
     encoding = q.get("encoding", "json").lower()
     if encoding not in _ENCODINGS:
-        raise ValueError(f"nats sink URL {url!r}: encoding={encoding!r}; expected one of "
+        raise ValueError(f"nats sink URL {shown!r}: encoding={encoding!r}; expected one of "
                          + ", ".join(_ENCODINGS))
     storage = q.get("storage", "file").lower()
     if storage not in ("file", "memory"):
-        raise ValueError(f"nats sink URL {url!r}: storage={storage!r}; expected file or memory")
+        raise ValueError(f"nats sink URL {shown!r}: storage={storage!r}; expected file or memory")
     try:
         replicas = int(q.get("replicas", "1"))
     except ValueError:
-        raise ValueError(f"nats sink URL {url!r}: replicas={q['replicas']!r} is not a number") from None
+        raise ValueError(f"nats sink URL {shown!r}: replicas={q['replicas']!r} is not a number") from None
     if not 1 <= replicas <= 5:
-        raise ValueError(f"nats sink URL {url!r}: replicas={replicas}; JetStream allows 1 to 5")
+        raise ValueError(f"nats sink URL {shown!r}: replicas={replicas}; JetStream allows 1 to 5")
 
     def duration(key: str, default: float) -> float:
         if key not in q:
             return default
         value = parse_duration(q[key], key)
         if value <= 0:
-            raise ValueError(f"nats sink URL {url!r}: {key} must be positive")
+            raise ValueError(f"nats sink URL {shown!r}: {key} must be positive")
         return value
 
     horizon = duration("horizon", 600.0)
     dup_window = duration("dup_window", horizon) if "dup_window" in q else None
     if (q.get("tls_cert") is None) != (q.get("tls_key") is None):
-        raise ValueError(f"nats sink URL {url!r}: tls_cert and tls_key go together")
+        raise ValueError(f"nats sink URL {shown!r}: tls_cert and tls_key go together")
     return NATSOptions(
         servers=servers, stream=stream, subject=subject, encoding=encoding,
         timeout=duration("timeout", 5.0), connect_timeout=duration("connect_timeout", 5.0),
@@ -346,6 +353,9 @@ ENCODERS: dict[str, Callable[[Any], bytes]] = {
 
 
 MSG_ID = "Nats-Msg-Id"
+# nats-server drops a connection whose PUB line exceeds max_control_line (4 KiB by
+# default): the line holds the subject, the reply subject (< 100 bytes here) and sizes.
+MAX_SUBJECT_BYTES = 3840
 _OK = object()  # a PubAck without an error: stored, or a duplicate the window dropped
 
 
@@ -364,9 +374,10 @@ class _Acks:
     def add(self, i: int, msg: Any) -> None:
         if self.replies[i] is None:
             data = msg.data
-            # A PubAck is {"stream":...,"seq":...[,"duplicate":true]}; stream names cannot
-            # hold quotes, so the substring test is exact and spares a JSON parse.
-            self.replies[i] = _OK if data and b'"error"' not in data else msg
+            # A PubAck is {"stream":...,"seq":...[,"duplicate":true]}, an error {"error":{...}}.
+            # Names cannot hold quotes, so '"error":' is only ever that key (a stream may be
+            # *named* error); the substring test spares a JSON parse per message.
+            self.replies[i] = _OK if data and b'"error":' not in data else msg
             self.left -= 1
             if self.left <= 0 and not self.sending and not self.done.done():
                 self.done.set_result(None)
@@ -395,7 +406,10 @@ def _ack_outcome(reply: Any, stream: str) -> BaseException | None:
                              "cluster electing one), or JetStream is not available")
         return SinkError(f"empty reply from JetStream (status {status or 'none'})")
     try:
-        err = json.loads(data)["error"]
+        answer = json.loads(data)
+        if "error" not in answer and "stream" in answer and "seq" in answer:
+            return None  # a PubAck after all
+        err = answer["error"]
         code, err_code, desc = err.get("code"), err.get("err_code"), err.get("description")
     except (ValueError, TypeError, KeyError, AttributeError):
         return SinkError(f"unreadable reply from JetStream: {data[:200]!r}")
@@ -485,6 +499,11 @@ class NATSSink:
                     outcomes[i] = PermanentSinkError(f"seq {rec.seq}: no subject: {ex}")
                     continue
                 bound = is_bound(subject)
+            if len(subject) > MAX_SUBJECT_BYTES // 4 and len(subject.encode()) > MAX_SUBJECT_BYTES:
+                outcomes[i] = PermanentSinkError(
+                    f"seq {rec.seq}: subject of {len(subject.encode())} bytes; NATS takes at most "
+                    f"{MAX_SUBJECT_BYTES} (its 4 KiB control line holds the reply subject too)")
+                continue
             if not bound:
                 outcomes[i] = PermanentSinkError(
                     f"seq {rec.seq}: subject {subject!r} is not bound to stream "

@@ -412,7 +412,7 @@ class _Session:
             for i, r in enumerate(batch):
                 try:
                     rows.append((i, (log_id, r.seq, _json(r.item))))
-                except (TypeError, ValueError) as ex:
+                except (TypeError, ValueError, RecursionError) as ex:
                     outcomes[i] = PermanentSinkError(f"item cannot be stored as JSON: {ex}")
             return rows, outcomes
         fields = self.fields
@@ -437,7 +437,7 @@ class _Session:
                 if self.rest_fields is not None:
                     extra = {k: v for k, v in item.items() if k not in self.rest_fields}
                     row.append(_json(extra) if extra else None)
-            except (TypeError, ValueError) as ex:
+            except (TypeError, ValueError, RecursionError) as ex:
                 outcomes[i] = PermanentSinkError(f"item cannot be stored: {ex}")
                 continue
             rows.append((i, tuple(row)))
@@ -561,6 +561,8 @@ def from_url(url: str) -> PostgreSQLSink:
     for pair in filter(None, parts.query.split("&")):
         key = unquote_plus(pair.partition("=")[0])
         if key in OPTIONS:
+            if key in ours:  # which one would win is a guess the user did not mean to make
+                raise ValueError(f"sink URL option {key} given more than once")
             ours[key] = unquote_plus(pair.partition("=")[2])
         else:
             # Verbatim: libpq decodes %XX itself and, unlike a form, keeps "+" as "+".
