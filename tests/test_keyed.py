@@ -239,3 +239,16 @@ def test_daemon_keyed_submits_reach_the_sink_with_their_key(tmp_path):
     lines = sorted((json.loads(x) for x in out.read_text().splitlines()), key=lambda x: x["seq"])
     assert [(x["seq"], x.get("key"), x["item"]["a"]) for x in lines] == [
         (1, "left", 1), (2, 9, 2), (3, 9, 3), (4, None, 4)]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 6, 14, 250, 251, 252, 65530, 65531, 65540])
+@pytest.mark.parametrize("key", ["k", 7, b"\x00" * 5, "é" * 10])
+def test_keyed_submit_many_reads_back_at_every_ext_length(make, key, size):
+    # submit_many writes keyed items with hand-made ext headers (ext 8/16/32 by length);
+    # the sizes put the ext body (key + item) on each side of 255 and 65535 bytes.
+    sink = KeyRecorder()
+    b = make(sink)
+    items = ["x" * size, {"n": size}, None]
+    b.submit_many(items, key=key)
+    b.flush(WAIT)
+    assert [(k, [i for _, i in recs]) for k, _, recs in sink.batches] == [(key, items)]

@@ -28,7 +28,7 @@ from .errors import Closed, LogFull
 from .fileio import FileSystem
 from .flusher import Flusher
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
-from .keys import check_key, wrap
+from .keys import check_key, wrap, wrap_many
 from .log import Log
 from .options import Options
 from .sinks.base import resolve_sink
@@ -68,8 +68,8 @@ def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
         check_key(key)
         kb = _encode(key)
         try:
-            seq = [wrap(kb, _encode(i)) for i in seq]
-        except TypeError:
+            return wrap_many(kb, list(map(_tls.pack, seq))), len(seq)
+        except (TypeError, OverflowError, ValueError):
             _raise_unencodable(seq)
             raise
     n = len(seq)

@@ -49,6 +49,31 @@ def wrap(key_bytes: bytes, item_bytes: bytes) -> msgpack.ExtType:
     return msgpack.ExtType(KEY_EXT, key_bytes + item_bytes)
 
 
+# ext 8 headers (0xc7, length, type) by length: wrap_many writes every keyed item with
+# one of these (or ext 16/32), where msgpack would pick fixext for 1, 2, 4, 8 or 16 bytes;
+# both are valid msgpack and read back the same.
+_EXT8 = [bytes((0xC7, n, KEY_EXT)) for n in range(256)]
+
+
+def _ext_header(n: int) -> bytes:
+    if n < 256:
+        return _EXT8[n]
+    if n < 65536:
+        return b"\xc8" + n.to_bytes(2, "big") + bytes((KEY_EXT,))
+    return b"\xc9" + n.to_bytes(4, "big") + bytes((KEY_EXT,))
+
+
+def wrap_many(key_bytes: bytes, item_bytes: list[bytes]) -> bytes:
+    """Many keyed items under one key, packed and concatenated (a frame payload).
+
+    What packing ``wrap(key_bytes, b)`` for each would give, without building an
+    ExtType apiece: keyed submit_many was six times slower than unkeyed.
+    """
+    k = len(key_bytes)
+    return b"".join([(_EXT8[k + len(b)] if k + len(b) < 256 else _ext_header(k + len(b)))
+                     + key_bytes + b for b in item_bytes])
+
+
 def ext_hook(code: int, data: bytes) -> Any:
     """msgpack ``ext_hook``: keyed items become ``Keyed``; other extensions pass through."""
     if code != KEY_EXT:
