@@ -7,7 +7,7 @@ import threading
 
 import msgpack
 import pytest
-from helpers import WAIT
+from helpers import WAIT, Collector
 
 from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogLocked, PermanentSinkError
 from walbatch.dlq import list_dead_letters, requeue
@@ -199,3 +199,42 @@ def test_a_damaged_store_is_corrupt_log_but_one_it_cannot_open_is_an_os_error(tm
     with pytest.raises(OSError, match="cannot use the dead-letter store") as info:
         DeadLetterStore(str(unopenable))
     assert not isinstance(info.value, CorruptLog)
+
+
+@pytest.mark.parametrize("how", ["empty", "missing"])
+def test_a_truncated_or_deleted_store_is_reported_not_silently_empty(make, logdir, how):
+    # The checkpoint still counted the dead letters, but status and dlq list showed
+    # none and nothing said the store had been lost.
+    def refuse(batch):
+        return [PermanentSinkError("no") for _ in batch]
+
+    b = make(refuse)
+    b.submit_many(["a", "b", "c"])
+    b.flush(WAIT)
+    b.close()
+    path = logdir / "dlq.db"
+    for extra in ("-wal", "-shm"):
+        (logdir / f"dlq.db{extra}").unlink(missing_ok=True)
+    if how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+    b2 = make(Collector())
+    assert b2.stats().dead_lettered == 3
+    [entry] = list_dead_letters(logdir)
+    assert entry.seq == 0 and entry.lost
+    assert f"was {how}" in entry.error and "3 dead letter(s)" in entry.error
+    b2.close()
+    b3 = make(Collector())  # reported once, not again at every open
+    assert len(list_dead_letters(logdir)) == 1
+    b3.close()
+
+
+def test_a_log_without_dead_letters_and_without_a_store_reports_nothing(make, logdir):
+    b = make(Collector())
+    b.submit("x")
+    b.flush(WAIT)
+    b.close()
+    (logdir / "dlq.db").unlink()
+    make(Collector()).close()
+    assert list_dead_letters(logdir) == []

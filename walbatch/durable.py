@@ -23,7 +23,7 @@ import msgpack
 
 from .checkpoint import Checkpoint
 from .commit import GroupCommitter
-from .dlq import DeadLetterStore, record_lost
+from .dlq import DLQ_FILE, DeadLetterStore, record_lost
 from .errors import Closed, LogFull
 from .fileio import FileSystem
 from .flusher import Flusher
@@ -104,6 +104,20 @@ def _check_frame_size(nbytes: int) -> None:
     if nbytes > MAX_FRAME_PAYLOAD:
         raise ValueError(f"{nbytes} bytes in one submit exceed the limit of {MAX_FRAME_PAYLOAD} "
                          "bytes; nothing was written")
+
+
+def _record_store_lost(store: DeadLetterStore, log_: Log, how: str) -> None:
+    """dlq.db was deleted or truncated although dead letters had been recorded: say so.
+
+    The items are gone; what is left is to make the loss visible where an operator
+    looks (``walbatch dlq list``, ``status``), as one entry with seq 0.
+    """
+    n = log_.checkpoint.dead_lettered
+    text = (f"the dead-letter store was lost: {DLQ_FILE} was {how} on open while the "
+            f"checkpoint counts {n} dead letter(s); their items are gone (purge this entry "
+            "once noted)")
+    store.add(str(log_.log_id), [(0, None)], text, lost=True)
+    log.error("walbatch: %s", text)
 
 
 def _close_quietly(sink: Any) -> None:
@@ -288,7 +302,12 @@ class DurableBatcher:
         self._initial_checkpoint = self._log.checkpoint
         self._backlog_at_open = self._log.synced_seq - self._log.checkpoint.seq
         try:
+            dlq_path = os.path.join(self.directory, DLQ_FILE)
+            dlq_gone = "missing" if not os.path.exists(dlq_path) else (
+                "empty" if os.path.getsize(dlq_path) == 0 else None)
             self.dead_letters = DeadLetterStore.for_dir(self.directory)
+            if dlq_gone and self._initial_checkpoint.dead_lettered:
+                _record_store_lost(self.dead_letters, self._log, dlq_gone)
             record_lost(self.dead_letters, self._log)
             self._flusher = Flusher(self._log, self._sink, self.dead_letters, opts)
             self._committer = GroupCommitter(self._log, self._flusher.on_durable,
