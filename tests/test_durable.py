@@ -568,12 +568,44 @@ def test_unknown_option_raises_type_error_naming_it(logdir):
     {"segment_bytes": 4096, "max_log_bytes": 4096},
     {"on_corruption": "ignore"},
     {"retry_limit": 0},
+    # Each of these was accepted and then killed the flusher (inf: a deadline past
+    # time_t), hung (NaN compares false with everything) or ran with a wrong type.
+    {"max_delay": float("inf")},
+    {"checkpoint_interval": float("inf")},
+    {"retry_max_delay": float("inf")},
+    {"breaker_cooldown": float("inf")},
+    {"close_timeout": float("inf")},
+    {"max_delay": float("nan")},
+    {"submit_timeout": float("nan")},
+    {"close_timeout": float("nan")},
+    {"retry_max_elapsed": float("nan")},
+    {"retry_limit": "3"},
+    {"retry_limit": 2.5},
+    {"retry_limit": True},
+    {"breaker_failures": True},
+    {"adaptive_min_items": 1000, "max_items": 10},
 ])
 def test_invalid_option_values_raise_value_error(logdir, options):
     name = next(iter(options))
     with pytest.raises(ValueError, match=name):
         DurableBatcher(logdir, Collector(), **options)
     DurableBatcher(logdir, Collector()).close(0)  # the failed open left no lock behind
+
+
+@pytest.mark.parametrize("errors", [[ValueError], "x", (ValueError, 3)])
+def test_permanent_errors_must_be_a_tuple_of_exception_classes(logdir, errors):
+    with pytest.raises(TypeError, match="permanent_errors"):
+        DurableBatcher(logdir, Collector(), permanent_errors=errors)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e300])
+def test_close_takes_any_timeout_and_closes(make, logdir, timeout):
+    sink = Collector()
+    b = make(sink)
+    b.submit("x")
+    b.close(timeout)
+    assert sink.items == ["x"]
+    DurableBatcher(logdir, None).close()  # the lock was released
 
 
 # ------------------------------------------------------------- sqlite URL

@@ -511,6 +511,11 @@ class DurableBatcher:
         Idempotent and safe from any thread, including from inside the sink.
         """
         timeout = self.options.close_timeout if timeout is None else timeout
+        # inf would overflow the clock a deadline is kept on, NaN wait forever: close
+        # must work whatever it is given, so clamp rather than raise.
+        if timeout != timeout:  # NaN
+            timeout = self.options.close_timeout
+        timeout = min(float(timeout), 86400.0) if timeout >= 0 else 0.0
         with self._close_lock:
             first = not self._closing
             self._closing = True

@@ -99,9 +99,7 @@ class Options:
         for name in ("max_delay", "submit_timeout", "checkpoint_interval",
                      "retry_initial_delay", "retry_max_delay", "close_timeout",
                      "adaptive_target_latency", "breaker_cooldown"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+            _check_seconds(name, getattr(self, name))
         if self.max_log_bytes < 2 * self.segment_bytes:
             raise ValueError(
                 f"max_log_bytes ({self.max_log_bytes}) must be at least twice segment_bytes "
@@ -111,16 +109,20 @@ class Options:
             raise ValueError(
                 f"on_corruption must be 'raise' or 'quarantine', not {self.on_corruption!r}"
             )
-        if self.retry_limit is not None and self.retry_limit < 1:
-            raise ValueError(f"retry_limit must be None or at least 1, not {self.retry_limit!r}")
-        if self.breaker_failures is not None and (
-                not isinstance(self.breaker_failures, int) or self.breaker_failures < 1):
-            raise ValueError(
-                f"breaker_failures must be None or at least 1, not {self.breaker_failures!r}")
-        if self.retry_max_elapsed is not None and (
-                not isinstance(self.retry_max_elapsed, (int, float)) or self.retry_max_elapsed < 0):
-            raise ValueError(f"retry_max_elapsed must be None or a non-negative number of seconds, "
-                             f"not {self.retry_max_elapsed!r}")
+        for name in ("retry_limit", "breaker_failures"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"{name} must be None or an integer of at least 1, not {value!r}")
+        if self.retry_max_elapsed is not None:
+            _check_seconds("retry_max_elapsed", self.retry_max_elapsed)
+        if self.adaptive_min_items > self.max_items:
+            raise ValueError(f"adaptive_min_items ({self.adaptive_min_items}) may not exceed "
+                             f"max_items ({self.max_items}), the adaptive trigger's upper bound")
+        errors = self.permanent_errors
+        if not isinstance(errors, tuple) or not all(
+                isinstance(e, type) and issubclass(e, BaseException) for e in errors):
+            raise TypeError(f"permanent_errors must be a tuple of exception classes, not {errors!r}")
         if self.combine is not None and not callable(self.combine):
             raise TypeError(f"combine must be a callable taking a batch, not "
                             f"{type(self.combine).__name__}")
@@ -130,3 +132,14 @@ class Options:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# A day: longer waits are surely a mistake, and inf overflows the clocks waits use.
+_MAX_SECONDS = 86400.0
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not 0 <= value <= _MAX_SECONDS):  # also false for NaN
+        raise ValueError(f"{name} must be a number of seconds from 0 to {_MAX_SECONDS:g} "
+                         f"(a day), not {value!r}")
