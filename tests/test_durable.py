@@ -676,3 +676,41 @@ def test_a_batcher_without_a_sink_only_writes_the_log(logdir, make):
     sink = Collector()
     make(sink).flush(WAIT)
     assert sink.records == [(1, 0), (2, 1), (3, 2)]
+
+
+def test_a_caught_up_log_whose_active_segment_fills_the_quota_takes_more(make, logdir):
+    # Only sealed segments were freed, and only an append sealed one: with the active
+    # segment past half the quota, a caught-up log refused every submit for good,
+    # also after a reopen.
+    sink = Collector()
+    opts = {"segment_bytes": 1 << 20, "max_log_bytes": 2 << 20, "submit_timeout": 2}
+    b = make(sink, **opts)
+    items = [b"x" * 1000] * 700  # ~0.7 MB per call
+    b.submit_many(items)
+    b.submit_many(items)
+    b.flush(WAIT)
+    assert b.stats().pending == 0 and b.stats().log_bytes > (1 << 20)
+    b.submit_many(items)
+    b.flush(WAIT)
+    b.close()
+    b2 = make(Collector(), **opts)
+    b2.submit_many(items)
+    b2.flush(WAIT)
+    assert len(sink.items) == 2100 and b2.stats().delivered == 2800
+
+
+def test_asubmit_groups_stay_within_max_group_bytes_and_the_quota(make):
+    # A whole event loop's queue went into one payload: 100 items of 300 bytes were
+    # refused as "an item of 30356 bytes can never fit in max_log_bytes=16384".
+    sink = Collector()
+    b = make(sink, segment_bytes=8192, max_log_bytes=16384, max_group_bytes=4096,
+             submit_timeout=WAIT)
+
+    async def main() -> list:
+        return await asyncio.gather(*(b.asubmit(f"{i:03d}" + "x" * 297) for i in range(100)))
+
+    receipts = asyncio.run(main())
+    assert sorted(r.seq for r in receipts) == list(range(1, 101))
+    b.flush(WAIT)
+    assert sorted(sink.items) == [f"{i:03d}" + "x" * 297 for i in range(100)]
+    assert b.stats().commit_groups >= 100 * 304 // 4096

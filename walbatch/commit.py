@@ -117,6 +117,34 @@ class GroupCommitter:
             assert successor.wake is not None
             successor.wake.release()
 
+    def exclusive(self, fn: Callable[[], int]) -> int:
+        """Run ``fn`` while no commit runs (as a leader would), e.g. to roll the log."""
+        w = _Waiter(b"", 0)
+        with self._mu:
+            if self._closed:
+                raise Closed("the batcher is closed; the item was not written")
+            self._queue.append(w)
+            if self._leading:
+                w.wake = _allocate()
+                w.wake.acquire()
+            else:
+                self._leading = True
+        if w.wake is not None:
+            w.wake.acquire()  # our turn to lead
+        try:
+            with self._mu:
+                self._queue.remove(w)
+            return fn()
+        finally:
+            with self._mu:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._leading = False
+                    self._idle.notify_all()
+            if successor is not None:
+                assert successor.wake is not None
+                successor.wake.release()
+
     def close(self) -> None:
         """Refuse new commits and wait for the running one (and its queue) to finish."""
         with self._mu:

@@ -429,12 +429,24 @@ class DurableBatcher:
         return self._aio_pool
 
     async def _aio_drain(self, loop: asyncio.AbstractEventLoop, q: _AioQueue) -> None:
-        """Commit everything queued from this loop as one group, until the queue is empty."""
+        """Commit what is queued from this loop in groups, until the queue is empty.
+
+        A group stops at ``max_group_bytes`` (and a quarter of the log quota), as the
+        group committer's do: a whole loop's queue in one payload could exceed the
+        quota and be refused as an item that "can never fit".
+        """
         pool = self._aio_executor()
         flusher = self._flusher
+        limit = max(1, min(self.options.max_group_bytes, self.options.max_log_bytes // 4))
         try:
             while q.entries:
-                entries, q.entries = q.entries, []
+                k, size = 0, 0
+                for e in q.entries:
+                    size += len(e[0])
+                    if k and size > limit:
+                        break
+                    k += 1
+                entries, q.entries = q.entries[:k], q.entries[k:]
                 payload = entries[0][0] if len(entries) == 1 else b"".join(e[0] for e in entries)
                 total = sum(e[1] for e in entries)
                 try:
@@ -462,23 +474,28 @@ class DurableBatcher:
             raise LogFull(f"an item of {nbytes} bytes can never fit in max_log_bytes="
                           f"{opts.max_log_bytes}; nothing was written")
         deadline = time.monotonic() + opts.submit_timeout
-        with self._room:
-            while self._log.total_bytes + nbytes > opts.max_log_bytes:
-                if self._sink is None:
-                    self._log.reconcile()  # a follower may have delivered and deleted segments
-                    if self._log.total_bytes + nbytes <= opts.max_log_bytes:
-                        break
-                if self._closing:
-                    raise Closed("the batcher is closed; the item was not written")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LogFull(
-                        f"log is full ({self._log.total_bytes} of max_log_bytes="
-                        f"{opts.max_log_bytes} bytes) and did not drain within "
-                        f"submit_timeout={opts.submit_timeout}s; the item was not written"
-                        + (f"; last sink error: {self._flusher.last_error}"
-                           if self._flusher.last_error else "")
-                    )
+        while self._log.total_bytes + nbytes > opts.max_log_bytes:
+            if self._sink is None:
+                self._log.reconcile()  # a follower may have delivered and deleted segments
+                if self._log.total_bytes + nbytes <= opts.max_log_bytes:
+                    break
+            elif (self._log.checkpoint.seq >= self._log.synced_seq
+                  and self._committer.exclusive(self._log.release_delivered)):
+                # Everything was delivered and what filled the quota was the active
+                # segment, which only an append would have sealed: freed now.
+                continue
+            if self._closing:
+                raise Closed("the batcher is closed; the item was not written")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LogFull(
+                    f"log is full ({self._log.total_bytes} of max_log_bytes="
+                    f"{opts.max_log_bytes} bytes) and did not drain within "
+                    f"submit_timeout={opts.submit_timeout}s; the item was not written"
+                    + (f"; last sink error: {self._flusher.last_error}"
+                       if self._flusher.last_error else "")
+                )
+            with self._room:
                 self._room.wait(min(left, 0.05))
 
     # ------------------------------------------------------------- control

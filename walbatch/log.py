@@ -546,9 +546,29 @@ class Log:
             f"write to {path} failed: {ex}; nothing in this write was acknowledged"
         ) from ex
 
-    def _roll(self) -> None:
+    def release_delivered(self) -> int:
+        """Free the active segment when the checkpoint covers every record in it.
+
+        Only sealed segments are deleted, and a segment is sealed by the append
+        that overflows it: a caught-up log whose active segment filled the quota
+        would wait for room forever. The caller must keep appends out (the group
+        committer's ``exclusive``). Returns the bytes freed.
+        """
+        if self.role != "owner" or self.readonly or self._closed:
+            return 0
+        with self._lock:
+            if not self._segments or self._segments[-1].size <= HEADER_SIZE:
+                return 0
+            if self.checkpoint.seq < self.next_seq - 1:
+                return 0  # not all delivered: the flusher will free sealed segments
+            before = self.total_bytes
+        self._roll(force=True)
+        self.truncate_front(self.checkpoint.seq)
+        return before - self.total_bytes
+
+    def _roll(self, force: bool = False) -> None:
         """Seal the active segment and start a new one named by ``next_seq``."""
-        if self._fh is None and self._segments:
+        if self._fh is None and self._segments and not force:
             last = self._segments[-1]
             if last.size < self.segment_bytes and not last.sealed:
                 try:
