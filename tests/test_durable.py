@@ -583,7 +583,7 @@ def test_unknown_option_raises_type_error_naming_it(logdir):
     {"retry_limit": 2.5},
     {"retry_limit": True},
     {"breaker_failures": True},
-    {"adaptive_min_items": 1000, "max_items": 10},
+    {"adaptive_min_items": 1000, "max_items": 10, "adaptive_batching": True},
 ])
 def test_invalid_option_values_raise_value_error(logdir, options):
     name = next(iter(options))

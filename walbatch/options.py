@@ -116,7 +116,7 @@ class Options:
                 raise ValueError(f"{name} must be None or an integer of at least 1, not {value!r}")
         if self.retry_max_elapsed is not None:
             _check_seconds("retry_max_elapsed", self.retry_max_elapsed)
-        if self.adaptive_min_items > self.max_items:
+        if self.adaptive_batching and self.adaptive_min_items > self.max_items:
             raise ValueError(f"adaptive_min_items ({self.adaptive_min_items}) may not exceed "
                              f"max_items ({self.max_items}), the adaptive trigger's upper bound")
         errors = self.permanent_errors
