@@ -238,3 +238,24 @@ def test_a_log_without_dead_letters_and_without_a_store_reports_nothing(make, lo
     (logdir / "dlq.db").unlink()
     make(Collector()).close()
     assert list_dead_letters(logdir) == []
+
+
+def test_a_dead_letter_combine_made_unstorable_is_kept_as_text_and_delivery_goes_on(make, logdir):
+    # combine may change items; one it turned into a set could not be stored as a
+    # dead letter, and storing it was retried forever, holding back everything after.
+    def to_set(batch):
+        return [r._replace(item={"as": "set", "v": {r.item}}) if r.item == "bad" else r
+                for r in batch]
+
+    def sink(batch):
+        return [PermanentSinkError("refused") if isinstance(r.item, dict) else None
+                for r in batch]
+
+    b = make(sink, combine=to_set)
+    receipts = b.submit_many(["ok1", "bad", "ok2"])
+    with pytest.raises(DeadLettered):
+        receipts[1].wait(WAIT)
+    receipts[2].wait(WAIT)
+    [dead] = list_dead_letters(logdir)
+    assert dead.seq == 2 and "stored as its repr" in dead.error
+    assert "'set'" in dead.item or "{'bad'}" in dead.item

@@ -437,3 +437,23 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_once_a_second_and_flush_
         assert b.stats().last_checkpoint == 2
     finally:
         b.close(timeout=1)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()],
+                         ids=["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+def test_a_sink_raising_a_base_exception_is_retried_like_any_failure(make, exc):
+    # It used to stop delivery for the rest of the process and re-raise SystemExit
+    # in every thread calling flush() or Receipt.wait().
+    calls = []
+
+    def sink(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise exc
+        return None
+
+    b = make(sink)
+    b.submit("a")
+    b.flush(WAIT)
+    b.submit("b").wait(WAIT)
+    assert b.stats().delivered == 2 and b.stats().retries >= 1

@@ -94,13 +94,12 @@ class DeadLetterStore:
         packed_key = None if key is None else msgpack.packb(key, use_bin_type=True)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         etype = "Lost" if lost else (type(error).__name__ if not isinstance(error, str) else "")
-        rows = [
-            {"log_id": log_id, "seq": seq,
-             "item": None if lost else msgpack.packb(item, use_bin_type=True),
-             "error": text, "error_type": etype, "failed_at": now,
-             "attempts": attempts, "lost": int(lost), "key": packed_key}
-            for seq, item in records
-        ]
+        rows = []
+        for seq, item in records:
+            packed, note = (None, "") if lost else _pack_item(item)
+            rows.append({"log_id": log_id, "seq": seq, "item": packed, "error": text + note,
+                         "error_type": etype, "failed_at": now, "attempts": attempts,
+                         "lost": int(lost), "key": packed_key})
         with self._lock, self.db.conn:
             self.db.conn.execute("BEGIN IMMEDIATE")
             self.db[TABLE].insert_all(rows, pk=("log_id", "seq"), replace=True)
@@ -173,6 +172,20 @@ def record_lost(store: DeadLetterStore, log: Log) -> int:
 
 
 _MAX_LOST_ROWS = 10_000
+
+
+def _pack_item(item: Any) -> tuple[bytes, str]:
+    """The item for the store, and a note if it had to be stored as its repr.
+
+    Items come from the log, so they pack; but a ``combine`` hook may hand the
+    sink items of its own making. A dead letter that cannot be stored must not
+    stop delivery (it was retried forever), so such an item is kept as text.
+    """
+    try:
+        return msgpack.packb(item, use_bin_type=True), ""
+    except (TypeError, OverflowError, ValueError) as ex:
+        return (msgpack.packb(repr(item), use_bin_type=True),
+                f" [the item is not msgpack-serialisable ({ex}): stored as its repr]")
 
 
 def _row(r: dict[str, Any]) -> DeadLetter:

@@ -466,7 +466,10 @@ class Flusher:
             try:
                 outcomes = self.sink.write(batch)
                 failed = self._check_outcomes(batch, outcomes)
-            except Exception as ex:
+            except BaseException as ex:
+                # SystemExit, KeyboardInterrupt or GeneratorExit raised *by the sink* on
+                # this thread are its failures too: letting them through ended delivery
+                # for the process and re-raised SystemExit in every flush() caller.
                 permanent = self._is_permanent(ex)
                 self._sink_answered(ok=permanent, latency=None, full=False)
                 if permanent or self._gave_up(attempt, started):
