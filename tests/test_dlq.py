@@ -9,7 +9,7 @@ import msgpack
 import pytest
 from helpers import WAIT, Collector
 
-from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogLocked, PermanentSinkError
+from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogFull, LogLocked, PermanentSinkError
 from walbatch.dlq import list_dead_letters, requeue
 
 
@@ -259,3 +259,38 @@ def test_a_dead_letter_combine_made_unstorable_is_kept_as_text_and_delivery_goes
     [dead] = list_dead_letters(logdir)
     assert dead.seq == 2 and "stored as its repr" in dead.error
     assert "'set'" in dead.item or "{'bad'}" in dead.item
+
+
+def test_a_requeue_cut_short_by_log_full_does_not_submit_the_same_items_twice(make, logdir):
+    # Rows were removed only after every key's submit; when a later key's submit
+    # hit LogFull the earlier key's items were in the log and still in the store,
+    # so the next requeue delivered them twice.
+    def refuse(batch):
+        if batch.key is not None:
+            raise PermanentSinkError("no")
+
+    b = make(refuse, segment_bytes=4096, max_log_bytes=1 << 20)
+    b.submit_many([f"A{i}" for i in range(3)], key="A")
+    b.submit_many([f"B{i}-" + "x" * 1500 for i in range(4)], key="B")
+    b.submit("filler")
+    b.flush(WAIT)
+    b.close()
+    assert len(list_dead_letters(logdir)) == 7
+
+    gate = threading.Event()
+    got: list[str] = []
+
+    def slow(batch):
+        gate.wait(WAIT)
+        got.extend(r.item[:2] for r in batch)
+
+    b = make(slow, segment_bytes=4096, max_log_bytes=12000, submit_timeout=0.5)
+    b.submit_many(["f" * 1000] * 6)  # other traffic fills the log while the sink waits
+    with pytest.raises(LogFull):
+        b.dead_letters.requeue(b)  # A fits, B does not
+    assert len(list_dead_letters(logdir)) == 4  # A's rows went with A's submit
+    gate.set()
+    b.flush(WAIT)
+    assert b.dead_letters.requeue(b) == 4
+    b.flush(WAIT)
+    assert sorted(x for x in got if x[0] in "AB") == ["A0", "A1", "A2", "B0", "B1", "B2", "B3"]

@@ -143,12 +143,16 @@ class DeadLetterStore:
         chosen = [d for d in self.list() if not d.lost and (wanted is None or d.seq in wanted)]
         if not chosen:
             return 0
-        by_key: dict[Any, list[Any]] = {}
+        by_key: dict[Any, list[DeadLetter]] = {}
         for d in chosen:
-            by_key.setdefault(d.key, []).append(d.item)
-        for key, items in by_key.items():
-            batcher.submit_many(items, key=key)
-        return self.remove((d.log_id, d.seq) for d in chosen)
+            by_key.setdefault(d.key, []).append(d)
+        n = 0
+        for key, letters in by_key.items():
+            batcher.submit_many([d.item for d in letters], key=key)
+            # Right after each key's submit: if a later one fails (LogFull), a second
+            # requeue must not submit this key's items again.
+            n += self.remove((d.log_id, d.seq) for d in letters)
+        return n
 
     def close(self) -> None:
         with self._lock:
