@@ -294,3 +294,34 @@ def test_a_requeue_cut_short_by_log_full_does_not_submit_the_same_items_twice(ma
     assert b.dead_letters.requeue(b) == 4
     b.flush(WAIT)
     assert sorted(x for x in got if x[0] in "AB") == ["A0", "A1", "A2", "B0", "B1", "B2", "B3"]
+
+
+def test_a_dead_letter_past_the_checkpoint_is_delivered_again_not_twice(make, logdir):
+    # Key B was dead-lettered while key A's earlier batch kept failing, so the
+    # checkpoint stayed before both; the next open delivered B's item again and its
+    # row stayed in the store, so a requeue delivered it a second time.
+    healthy = threading.Event()
+    got: list[tuple[int, str]] = []
+
+    def sink(batch):
+        if not healthy.is_set():
+            if batch.key == "A":
+                raise ConnectionError("A is down")
+            if batch.key == "B":
+                raise PermanentSinkError("B refused")
+        got.extend((r.seq, r.item) for r in batch)
+
+    b = make(sink, flush_concurrency=2)
+    b.submit("a-item", key="A")
+    with pytest.raises(DeadLettered):
+        b.submit("b-item", key="B").wait(WAIT)
+    assert b.stats().last_checkpoint == 0
+    b.close(timeout=0.2)
+    healthy.set()
+    b2 = make(sink)
+    b2.flush(WAIT)
+    assert sorted(got) == [(1, "a-item"), (2, "b-item")]
+    assert list_dead_letters(logdir) == []
+    assert b2.dead_letters.requeue(b2) == 0
+    s = b2.stats()
+    assert (s.submitted, s.delivered, s.dead_lettered, s.pending) == (2, 2, 0, 0)

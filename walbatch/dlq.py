@@ -127,6 +127,19 @@ class DeadLetterStore:
                 f"DELETE FROM {TABLE} WHERE log_id = ? AND seq = ?", keys)
         return len(keys)
 
+    def forget_above(self, log_id: str, seq: int) -> int:
+        """Delete this log's dead letters past ``seq`` (not lost ones); return how many.
+
+        A batch dead-lettered while an earlier one was still pending lies past the
+        checkpoint, so the next open delivers it again; its row must go, or a
+        requeue would deliver it a second time.
+        """
+        with self._lock, self.db.conn:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            cur = self.db.conn.execute(
+                f"DELETE FROM {TABLE} WHERE log_id = ? AND seq > ? AND lost = 0", (log_id, seq))
+            return cur.rowcount
+
     def purge(self, seqs: Sequence[int] | None = None) -> int:
         """Delete dead letters (all, or those with the given seqs); return how many."""
         victims = [(d.log_id, d.seq) for d in self.list() if seqs is None or d.seq in set(seqs)]

@@ -309,6 +309,12 @@ class DurableBatcher:
             if dlq_gone and self._initial_checkpoint.dead_lettered:
                 _record_store_lost(self.dead_letters, self._log, dlq_gone)
             record_lost(self.dead_letters, self._log)
+            if self._sink is not None:  # this open delivers everything past the checkpoint
+                again = self.dead_letters.forget_above(str(self._log.log_id),
+                                                       self._initial_checkpoint.seq)
+                if again:
+                    log.info("walbatch: %d dead letter(s) past the checkpoint are delivered "
+                             "again (their batch was not checkpointed)", again)
             self._flusher = Flusher(self._log, self._sink, self.dead_letters, opts)
             self._committer = GroupCommitter(self._log, self._flusher.on_durable,
                                              opts.max_group_bytes)
