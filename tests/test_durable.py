@@ -714,3 +714,31 @@ def test_asubmit_groups_stay_within_max_group_bytes_and_the_quota(make):
     b.flush(WAIT)
     assert sorted(sink.items) == [f"{i:03d}" + "x" * 297 for i in range(100)]
     assert b.stats().commit_groups >= 100 * 304 // 4096
+
+
+def test_submit_many_of_nothing_after_close_raises_closed(make):
+    b = make(Collector())
+    b.close()
+    with pytest.raises(Closed):
+        b.submit_many([])
+    with pytest.raises(Closed):
+        asyncio.run(b.asubmit_many([]))
+
+
+def test_aflush_from_inside_the_sink_refuses_at_once(make):
+    errors: list[BaseException] = []
+    box: list[DurableBatcher] = []
+
+    def sink(batch):
+        try:
+            asyncio.run(box[0].aflush(WAIT))
+        except BaseException as ex:
+            errors.append(ex)
+
+    b = make(sink)
+    box.append(b)
+    t0 = time.monotonic()
+    b.submit("x")
+    b.flush(WAIT)
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert time.monotonic() - t0 < WAIT / 2

@@ -457,3 +457,23 @@ def test_a_sink_raising_a_base_exception_is_retried_like_any_failure(make, exc):
     b.flush(WAIT)
     b.submit("b").wait(WAIT)
     assert b.stats().delivered == 2 and b.stats().retries >= 1
+
+
+def test_wait_reports_a_dead_letter_even_past_what_memory_remembers(make, monkeypatch):
+    # Past 100,000 remembered dead seqs, wait() returned as if delivered.
+    import walbatch.flusher
+
+    monkeypatch.setattr(walbatch.flusher, "_MAX_REMEMBERED_DEAD", 3)
+
+    def refuse_odd(batch):
+        return [PermanentSinkError("odd") if r.item % 2 else None for r in batch]
+
+    b = make(refuse_odd, max_items=4)  # five batches: the later ones past the cap
+    receipts = b.submit_many(list(range(20)))
+    b.flush(WAIT)
+    for r, item in zip(receipts, range(20), strict=True):
+        if item % 2:
+            with pytest.raises(DeadLettered, match="odd"):
+                r.wait(WAIT)
+        else:
+            r.wait(WAIT)

@@ -127,6 +127,13 @@ class DeadLetterStore:
                 f"DELETE FROM {TABLE} WHERE log_id = ? AND seq = ?", keys)
         return len(keys)
 
+    def error_of(self, log_id: str, seq: int) -> str | None:
+        """The error a dead letter was stored with, or None if ``seq`` is not one."""
+        with self._lock:
+            row = self.db.conn.execute(f"SELECT error FROM {TABLE} WHERE log_id = ? AND seq = ?",
+                                       (log_id, seq)).fetchone()
+        return None if row is None else str(row[0])
+
     def forget_above(self, log_id: str, seq: int) -> int:
         """Delete this log's dead letters past ``seq`` (not lost ones); return how many.
 

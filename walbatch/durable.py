@@ -377,6 +377,8 @@ class DurableBatcher:
         """
         payload, count = _encode_many(items, key)
         if count == 0:
+            if self._closing:
+                raise Closed("the batcher is closed")
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
         _check_frame_size(len(payload))
         self._wait_for_room(len(payload))
@@ -402,6 +404,8 @@ class DurableBatcher:
         """``submit_many`` for asyncio: all or nothing, one frame with its group."""
         payload, count = _encode_many(items, key)
         if count == 0:
+            if self._closing:
+                raise Closed("the batcher is closed")
             return Receipts(self._log.synced_seq + 1, 0, self._flusher)
         _check_frame_size(len(payload))
         return await self._aio_enqueue(payload, count, True)
@@ -522,6 +526,8 @@ class DurableBatcher:
         """``flush`` for asyncio: same result and errors, without holding a thread."""
         if self._sink is None:
             raise Closed("this batcher has no sink (sink=None): it only writes the log")
+        if self._flusher.in_sink():
+            raise RuntimeError("aflush() called from inside the sink would wait for itself")
         await self._flusher.aflush(self._log.synced_seq, timeout)
 
     def stats(self) -> Stats:

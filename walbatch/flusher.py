@@ -736,6 +736,9 @@ class Flusher:
                                           if self.last_error else ""))
                 self._cv.wait(left if left is None else min(left, 0.5))
             err = self.dead_seqs.get(seq)
+            overflow = err is None and len(self.dead_seqs) >= _MAX_REMEMBERED_DEAD
+        if overflow:  # past what memory keeps: the store knows
+            err = self.dlq.error_of(self.log_id, seq)
         if err is not None:
             raise DeadLettered(seq, err)
 
