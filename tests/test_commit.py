@@ -301,3 +301,32 @@ def test_max_group_bytes_caps_a_group(tmp_path) -> None:
     log.close()
     assert [c[1] for c in rec.calls] == [1, 3, 3, 1]
     assert all(len(c[2]) <= 3 * len(item) for c in rec.calls)
+
+
+def test_exclusive_runs_while_no_commit_runs_and_never_joins_a_group(log: Log) -> None:
+    # exclusive() queues like a committer; a leader collecting its group must not
+    # take that placeholder along (it would run fn while appends go on).
+    gc = GroupCommitter(log, Recorder())
+    overlaps: list[str] = []
+    stop = threading.Event()
+
+    def fn() -> int:
+        before = log.next_seq
+        time.sleep(0.0005)
+        if log.next_seq != before:
+            overlaps.append(f"an append ran during exclusive: {before} -> {log.next_seq}")
+        return 0
+
+    def work(k: int) -> None:
+        if k == 0:
+            while not stop.is_set():
+                gc.exclusive(fn)
+            return
+        for i in range(150):
+            gc.commit(pack([k, i]), 1)
+        if k == 1:
+            stop.set()
+
+    assert run_threads(work, n=8) == []
+    assert overlaps == []
+    assert log.synced_seq == 7 * 150

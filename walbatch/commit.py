@@ -26,15 +26,16 @@ _allocate = threading.Lock
 
 
 class _Waiter:
-    __slots__ = ("payload", "count", "first_seq", "error", "done", "wake")
+    __slots__ = ("payload", "count", "first_seq", "error", "done", "wake", "alone")
 
-    def __init__(self, payload: bytes, count: int) -> None:
+    def __init__(self, payload: bytes, count: int, alone: bool = False) -> None:
         self.payload = payload
         self.count = count
         self.first_seq = 0
         self.error: BaseException | None = None
         self.done = False
         self.wake: threading.Lock | None = None
+        self.alone = alone  # an exclusive() caller: leads by itself, never in a group
 
 
 class GroupCommitter:
@@ -57,6 +58,26 @@ class GroupCommitter:
     def commit(self, payload: bytes, count: int) -> int:
         """Durably append ``count`` items encoded in ``payload``; return the first seq."""
         w = _Waiter(payload, count)
+        self._join(w)
+        if not w.done:
+            self._lead()
+        if w.error is not None:
+            raise w.error
+        return w.first_seq
+
+    def exclusive(self, fn: Callable[[], int]) -> int:
+        """Run ``fn`` while no commit runs (as a leader would), e.g. to roll the log."""
+        w = _Waiter(b"", 0, alone=True)
+        self._join(w)
+        try:
+            with self._mu:
+                self._queue.popleft()  # ours: a leader is at the head of the queue
+            return fn()
+        finally:
+            self._pass_lead()
+
+    def _join(self, w: _Waiter) -> None:
+        """Queue ``w``; return when it leads, or (a commit) when its group is done."""
         with self._mu:
             if self._closed:
                 raise Closed("the batcher is closed; the item was not written")
@@ -68,17 +89,24 @@ class GroupCommitter:
                 self._leading = True
         if w.wake is not None:
             w.wake.acquire()  # released when our group is done, or when we lead
-        if not w.done:
-            self._lead()
-        if w.error is not None:
-            raise w.error
-        return w.first_seq
+
+    def _pass_lead(self) -> None:
+        """The leader is done: wake the next waiter to lead, or go idle."""
+        with self._mu:
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
+                self._idle.notify_all()
+        if successor is not None:
+            assert successor.wake is not None
+            successor.wake.release()
 
     def _lead(self) -> None:
         with self._mu:
             group = [self._queue.popleft()]
             size = len(group[0].payload)
-            while self._queue and size + len(self._queue[0].payload) <= self.max_group_bytes:
+            while (self._queue and not self._queue[0].alone
+                   and size + len(self._queue[0].payload) <= self.max_group_bytes):
                 w = self._queue.popleft()
                 group.append(w)
                 size += len(w.payload)
@@ -106,44 +134,10 @@ class GroupCommitter:
         with self._mu:
             for w in group:
                 w.done = True
-            successor = self._queue[0] if self._queue else None
-            if successor is None:
-                self._leading = False
-                self._idle.notify_all()
         for w in group[1:]:
             assert w.wake is not None
             w.wake.release()
-        if successor is not None:
-            assert successor.wake is not None
-            successor.wake.release()
-
-    def exclusive(self, fn: Callable[[], int]) -> int:
-        """Run ``fn`` while no commit runs (as a leader would), e.g. to roll the log."""
-        w = _Waiter(b"", 0)
-        with self._mu:
-            if self._closed:
-                raise Closed("the batcher is closed; the item was not written")
-            self._queue.append(w)
-            if self._leading:
-                w.wake = _allocate()
-                w.wake.acquire()
-            else:
-                self._leading = True
-        if w.wake is not None:
-            w.wake.acquire()  # our turn to lead
-        try:
-            with self._mu:
-                self._queue.remove(w)
-            return fn()
-        finally:
-            with self._mu:
-                successor = self._queue[0] if self._queue else None
-                if successor is None:
-                    self._leading = False
-                    self._idle.notify_all()
-            if successor is not None:
-                assert successor.wake is not None
-                successor.wake.release()
+        self._pass_lead()
 
     def close(self) -> None:
         """Refuse new commits and wait for the running one (and its queue) to finish."""
