@@ -28,8 +28,7 @@ def _tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 def _unpacker(data: bytes | memoryview, ext_hook: ExtHook | None, tolerant: bool) -> msgpack.Unpacker:
     unpacker = msgpack.Unpacker(
         raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20),
-        object_pairs_hook=_tuple_keys if tolerant else None,
-        **({"ext_hook": ext_hook} if ext_hook is not None else {}),
+        object_pairs_hook=_tuple_keys if tolerant else None, ext_hook=ext_hook or msgpack.ExtType,
     )
     unpacker.feed(data)
     return unpacker

@@ -69,6 +69,31 @@ def _only(url: str, query: dict[str, str], allowed: tuple[str, ...]) -> None:
                          f"valid: {', '.join(allowed) or 'none'}")
 
 
+def isolate(rows: list[tuple[int, Any]], store: Callable[[list[tuple[int, Any]]], None],
+            about_rows: Callable[[BaseException], bool],
+            refuse: Callable[[int, BaseException], None]) -> None:
+    """Store ``(index, row)`` pairs, halving failing chunks until each bad row is alone.
+
+    ``store`` must leave nothing behind when it raises (a savepoint). An error
+    ``about_rows`` says is not about the rows (the connection, the database) is
+    raised: the batch is retried whole. Each row that fails alone goes to
+    ``refuse(index, error)``. The whole batch goes first, so a good one costs one call.
+    """
+    todo = [rows] if rows else []
+    while todo:
+        chunk = todo.pop()
+        try:
+            store(chunk)
+        except Exception as ex:
+            if not about_rows(ex):
+                raise
+            if len(chunk) == 1:
+                refuse(chunk[0][0], ex)
+                continue
+            mid = len(chunk) // 2
+            todo += [chunk[mid:], chunk[:mid]]  # the first half goes first, in batch order
+
+
 def resolve_sink(spec: Any) -> Any:
     """A sink object from a URL string, a callable, or an object with ``write``."""
     if isinstance(spec, str):

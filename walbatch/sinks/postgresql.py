@@ -33,7 +33,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from .base import require
+from .base import isolate, require
 
 KEY_COLUMNS = ("_log_id", "_seq")
 MODES = ("jsonb", "columns")
@@ -216,23 +216,16 @@ class PostgreSQLSink:
         The whole batch goes first: when nothing is wrong with it but some rows
         were stored already, this one statement is all it takes.
         """
+        def store(chunk: list[tuple[int, tuple]]) -> None:
+            with session.conn.transaction():  # a savepoint: a failure undoes only the chunk
+                session.copy(chunk, session.stage_sql)
+                session.cur.execute(session.move_sql)
+
+        def refuse(i: int, ex: BaseException) -> None:
+            outcomes[i] = PermanentSinkError(f"PostgreSQL refused the item: {_item_message(ex)}")
+
         psycopg = self._psycopg
-        todo = [rows]
-        while todo:
-            chunk = todo.pop()
-            try:
-                with session.conn.transaction():  # a savepoint: a failure undoes only the chunk
-                    session.copy(chunk, session.stage_sql)
-                    session.cur.execute(session.move_sql)
-            except psycopg.Error as ex:
-                if not _item_level(ex):
-                    raise
-                if len(chunk) == 1:
-                    outcomes[chunk[0][0]] = PermanentSinkError(
-                        f"PostgreSQL refused the item: {_item_message(ex)}")
-                    continue
-                mid = len(chunk) // 2
-                todo += [chunk[mid:], chunk[:mid]]  # the first half goes first, in batch order
+        isolate(rows, store, lambda ex: isinstance(ex, psycopg.Error) and _item_level(ex), refuse)
 
     # ----------------------------------------------------------- the pool
 

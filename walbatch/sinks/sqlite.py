@@ -22,6 +22,7 @@ import sqlite_utils
 
 from ..errors import PermanentSinkError
 from ..record import Batch
+from .base import isolate
 
 _IDENTITY = ("_log_id", "_seq")
 # SQLite result codes that blame the statement's rows: ERROR (a column name it cannot
@@ -66,21 +67,17 @@ class SQLiteSink:
         which is retried as a whole.
         """
         table = self.db[self.table]
-        todo = [rows] if rows else []
-        while todo:
-            chunk = todo.pop()
-            try:
-                table.insert_all([row for _, row in chunk], pk=("_log_id", "_seq"),
-                                 ignore=True, alter=True)
-            except Exception as ex:
-                if not _item_level(ex) or not self.db.conn.in_transaction:
-                    raise
-                if len(chunk) == 1:
-                    outcomes[chunk[0][0]] = PermanentSinkError(
-                        f"SQLite refused the item: {type(ex).__name__}: {ex}")
-                    continue
-                mid = len(chunk) // 2
-                todo += [chunk[mid:], chunk[:mid]]  # the first half goes first, in batch order
+
+        def store(chunk: list[tuple[int, dict[str, Any]]]) -> None:
+            table.insert_all([row for _, row in chunk], pk=("_log_id", "_seq"),
+                             ignore=True, alter=True)
+
+        def refuse(i: int, ex: BaseException) -> None:
+            outcomes[i] = PermanentSinkError(f"SQLite refused the item: {type(ex).__name__}: {ex}")
+
+        # A trigger's RAISE(ROLLBACK) ends the whole transaction: then nothing can be
+        # isolated, and the batch is retried.
+        isolate(rows, store, lambda ex: _item_level(ex) and self.db.conn.in_transaction, refuse)
 
     def close(self) -> None:
         self.db.conn.close()
