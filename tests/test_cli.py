@@ -445,6 +445,23 @@ def test_dlq_requeue_through_a_running_daemon(tmp_path):
     assert sqlite_seqs(data / "walbatch.db") == [5, 6]  # the daemon's sink took them
 
 
+def test_dlq_requeue_through_a_running_daemon_keeps_each_items_key(tmp_path):
+    # The daemon path submitted the dead letters without their keys; requeued
+    # directly, they kept them. Both now go through DeadLetterStore.requeue.
+    data = tmp_path / "data"
+    (tmp_path / "permsink.py").write_text(PERMANENT_SINK)
+    with DurableBatcher(data, None) as b:
+        b.submit_many([{"i": 0}, {"i": 1}], key="tenant-a")
+        b.submit_many([{"i": 2}, {"i": 3}], key=7)
+    wb("replay", "--data-dir", data, "--sink", "permsink:write", env={"PYTHONPATH": str(tmp_path)})
+    assert dlq_seqs(data) == [2, 4]
+    with serving(data) as sock:
+        result = wb("dlq", "requeue", "--data-dir", data, "--socket", sock)
+        assert result.stdout.strip() == "requeued 2 dead letter(s)"
+    assert [(r.get("key"), r["item"]["i"]) for r in dump(data, "--from", "5")] == \
+        [("tenant-a", 1), (7, 3)]
+
+
 # ------------------------------------------------------------------ error paths
 
 

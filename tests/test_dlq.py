@@ -9,8 +9,9 @@ import msgpack
 import pytest
 from helpers import WAIT, Collector
 
-from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogFull, LogLocked, PermanentSinkError
-from walbatch.dlq import list_dead_letters, requeue
+from walbatch import DeadLettered, DeadLetterStore, DurableBatcher, LogFull, PermanentSinkError, WalbatchError
+from walbatch.dlq import list_dead_letters
+from walbatch.requeue import requeue
 
 
 class Picky:
@@ -92,7 +93,7 @@ def test_requeue_resubmits_with_new_seqs_and_removes_them(make):
     b = make(sink)
     dead = dead_letter_three(b)
     sink.strict = False  # the schema was fixed
-    assert b.dead_letters.requeue(b) == 3
+    assert b.dead_letters.requeue(b.submit_many) == 3
     assert b.dead_letters.count() == 0
     b.flush(WAIT)
     requeued = [(s, i) for s, i in sink.taken if isinstance(i, dict) and "bad" in i]
@@ -107,7 +108,7 @@ def test_requeue_of_chosen_seqs_only(make):
     b = make(sink)
     dead_letter_three(b)
     sink.strict = False
-    assert b.dead_letters.requeue(b, seqs=[4]) == 1
+    assert b.dead_letters.requeue(b.submit_many, seqs=[4]) == 1
     assert [d.seq for d in b.dead_letters.list()] == [2, 5]
     b.flush(WAIT)
     assert sink.items.count({"bad": "b"}) == 1
@@ -118,7 +119,7 @@ def test_requeue_with_nothing_to_requeue_submits_nothing(make):
     b = make(Picky())
     b.submit("x")
     b.flush(WAIT)
-    assert b.dead_letters.requeue(b) == 0
+    assert b.dead_letters.requeue(b.submit_many) == 0
     assert b.stats().submitted == 1
 
 
@@ -126,7 +127,7 @@ def test_requeue_skips_items_lost_to_corruption(make):
     b = make(Picky())
     b.dead_letters.add(b.log_id, [(7, None)], "lost to corruption in seg at offset 9", lost=True)
     b.dead_letters.add(b.log_id, [(8, {"bad": "x"})], PermanentSinkError("nope"))
-    assert b.dead_letters.requeue(b) == 1
+    assert b.dead_letters.requeue(b.submit_many) == 1
     (left,) = b.dead_letters.list()
     assert (left.seq, left.lost, left.item, left.error_type) == (7, True, None, "Lost")
 
@@ -157,7 +158,7 @@ def test_purge_all_or_chosen_seqs(make, logdir):
 def test_requeue_by_directory_puts_them_back_in_the_log_for_the_next_open(make, logdir):
     b = make(Picky())
     dead_letter_three(b)
-    with pytest.raises(LogLocked):  # the directory is in use
+    with pytest.raises(WalbatchError, match="no daemon answers"):  # in use by this process
         requeue(str(logdir))
     b.close(timeout=WAIT)
 
@@ -287,11 +288,11 @@ def test_a_requeue_cut_short_by_log_full_does_not_submit_the_same_items_twice(ma
     b = make(slow, segment_bytes=4096, max_log_bytes=12000, submit_timeout=0.5)
     b.submit_many(["f" * 1000] * 6)  # other traffic fills the log while the sink waits
     with pytest.raises(LogFull):
-        b.dead_letters.requeue(b)  # A fits, B does not
+        b.dead_letters.requeue(b.submit_many)  # A fits, B does not
     assert len(list_dead_letters(logdir)) == 4  # A's rows went with A's submit
     gate.set()
     b.flush(WAIT)
-    assert b.dead_letters.requeue(b) == 4
+    assert b.dead_letters.requeue(b.submit_many) == 4
     b.flush(WAIT)
     assert sorted(x for x in got if x[0] in "AB") == ["A0", "A1", "A2", "B0", "B1", "B2", "B3"]
 
@@ -322,6 +323,6 @@ def test_a_dead_letter_past_the_checkpoint_is_delivered_again_not_twice(make, lo
     b2.flush(WAIT)
     assert sorted(got) == [(1, "a-item"), (2, "b-item")]
     assert list_dead_letters(logdir) == []
-    assert b2.dead_letters.requeue(b2) == 0
+    assert b2.dead_letters.requeue(b2.submit_many) == 0
     s = b2.stats()
     assert (s.submitted, s.delivered, s.dead_lettered, s.pending) == (2, 2, 0, 0)

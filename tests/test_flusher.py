@@ -461,9 +461,9 @@ def test_a_sink_raising_a_base_exception_is_retried_like_any_failure(make, exc):
 
 def test_wait_reports_a_dead_letter_even_past_what_memory_remembers(make, monkeypatch):
     # Past 100,000 remembered dead seqs, wait() returned as if delivered.
-    import walbatch.flusher
+    import walbatch.progress
 
-    monkeypatch.setattr(walbatch.flusher, "_MAX_REMEMBERED_DEAD", 3)
+    monkeypatch.setattr(walbatch.progress, "MAX_REMEMBERED_DEAD", 3)
 
     def refuse_odd(batch):
         return [PermanentSinkError("odd") if r.item % 2 else None for r in batch]

@@ -132,3 +132,39 @@ def test_replay_follow_cli_with_a_killed_writer(tmp_path):
     assert follow.returncode == 0, err
     assert "stopped: delivered=" in out
     assert os.path.exists(data / "FLUSH.LOCK")
+
+
+def test_a_follower_delivers_a_dead_letter_past_the_checkpoint_again_not_twice(tmp_path):
+    # An open with a sink forgets this log's dead letters past the checkpoint
+    # (their batch was never checkpointed, so they are delivered again); the
+    # follower did not, so a later requeue delivered such an item twice.
+    import threading
+
+    from walbatch import DeadLettered, PermanentSinkError
+
+    healthy = threading.Event()
+    got: list[tuple[int, str]] = []
+
+    def sink(batch):
+        if not healthy.is_set():
+            if batch.key == "A":
+                raise ConnectionError("A is down")
+            if batch.key == "B":
+                raise PermanentSinkError("B refused")
+        got.extend((r.seq, r.item) for r in batch)
+
+    b = DurableBatcher(tmp_path, sink, flush_concurrency=2, max_delay=0.005,
+                       retry_initial_delay=0.001, retry_max_delay=0.01)
+    b.submit("a-item", key="A")
+    with pytest.raises(DeadLettered):
+        b.submit("b-item", key="B").wait(10)
+    assert b.stats().last_checkpoint == 0
+    b.close(timeout=0.2)
+    healthy.set()
+    with Follower(str(tmp_path), sink, max_delay=0.005) as follower:
+        assert wait_for(lambda: sorted(got) == [(1, "a-item"), (2, "b-item")]), got
+        assert follower.dead_letters.list() == []
+        assert wait_for(lambda: follower.stats().pending == 0)
+        s = follower.stats()
+    assert (s.submitted, s.delivered, s.dead_lettered) == (2, 2, 0)
+

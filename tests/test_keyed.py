@@ -198,7 +198,7 @@ def test_dead_letters_keep_their_key_and_requeue_restores_it(make, logdir):
     [dl] = list_dead_letters(str(logdir))
     assert dl.key == "tenant-1" and dl.item == {"v": 1}
     strict.clear()
-    assert b.dead_letters.requeue(b) == 1
+    assert b.dead_letters.requeue(b.submit_many) == 1
     b.flush(WAIT)
     assert [(k, [i for _, i in recs]) for k, _, recs in sink.batches] == [("tenant-1", [{"v": 1}])]
 

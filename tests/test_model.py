@@ -201,7 +201,7 @@ class BatcherMachine(RuleBasedStateMachine):
     def _reopen(self) -> None:
         old = self.batcher
         assert old is not None
-        assert old._flusher.exited.is_set(), "the old flusher outlived close(): the test is unsound"
+        assert old._delivery.flusher.exited.is_set(), "the old flusher outlived close(): the test is unsound"
         self.batcher = None
         self.batcher = self._open()
         self.failed = False

@@ -5,8 +5,9 @@ Submit items one at a time; each is fsync'd to an append-only segment log before
 """
 
 from .client import AsyncClient, Client
+from .delivery import Stats
 from .dlq import DeadLetter, DeadLetterStore
-from .durable import DurableBatcher, Receipt, Receipts, Stats
+from .durable import DurableBatcher, Receipt, Receipts
 from .errors import (
     Closed,
     CorruptLog,

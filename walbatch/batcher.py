@@ -192,3 +192,39 @@ class KeyedPolicies(Generic[T]):
                 del self._open[key]
                 out.append(closed)
         return out
+
+
+class AdaptiveLimit:
+    """Adaptive batching: the size trigger follows how the sink copes.
+
+    It grows by half while batches close full and deliveries are fast, and halves
+    on a sink error or a delivery slower than ``target_latency``, always within
+    ``min_items..max_items``. The caller reports each delivery with ``answered``
+    and applies ``wanted`` to its policies (callers hold their own lock).
+    """
+
+    def __init__(self, min_items: int, max_items: int, target_latency: float) -> None:
+        self.min_items = min_items
+        self.max_items = max_items
+        self.target_latency = target_latency
+        self.limit = max(1, min(max_items, min_items))
+        self.wanted: int | None = self.limit
+        """A new limit not yet applied to the policies (None: nothing to apply)."""
+
+    def answered(self, ok: bool, latency: float | None, full: bool) -> bool:
+        """Record one delivery; True if the limit changed."""
+        limit = self.limit
+        if not ok or (latency is not None and latency > self.target_latency):
+            new = max(self.min_items, limit // 2)
+        elif full:
+            new = min(self.max_items, max(limit + 1, limit * 3 // 2))
+        else:
+            return False
+        if new == limit:
+            return False
+        self.limit = self.wanted = new
+        return True
+
+    def take_wanted(self) -> int | None:
+        n, self.wanted = self.wanted, None
+        return n

@@ -462,19 +462,9 @@ def _count_dead(data_dir: str) -> int | str:
 
 
 def _is_locked(data_dir: str) -> bool:
-    from .fileio import OsFileSystem
-    from .log import LOCK_FILE
+    from .requeue import writer_running
 
-    path = os.path.join(data_dir, LOCK_FILE)
-    if not os.path.exists(path):  # every writer makes it; asking must not create it
-        return False
-    try:
-        OsFileSystem().lock(path).release()
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    return writer_running(data_dir)
 
 
 @cli.command()
@@ -765,28 +755,12 @@ def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -
     Example:
         walbatch dlq requeue --data-dir /var/lib/walbatch --seq 42
     """
-    from .dlq import DeadLetterStore, requeue
+    from .requeue import requeue
 
     _require_log_dir(data_dir)
     _require_dead_letters(data_dir, seqs, lost_ok=False)
-    sock = socket_path or os.path.join(data_dir, "walbatch.sock")
     try:
-        if _is_locked(data_dir):
-            from .client import Client
-
-            store = DeadLetterStore.for_dir(data_dir)
-            try:
-                wanted = set(seqs) if seqs else None
-                chosen = [d for d in store.list() if not d.lost and (wanted is None or d.seq in wanted)]
-                if chosen:
-                    with Client(sock, connect_timeout=2) as c:
-                        c.submit_many([d.item for d in chosen])
-                    store.remove((d.log_id, d.seq) for d in chosen)
-                n = len(chosen)
-            finally:
-                store.close()
-        else:
-            n = requeue(data_dir, seqs=list(seqs) or None)
+        n = requeue(data_dir, list(seqs) or None, socket_path=socket_path)
     except WalbatchError as ex:
         raise _fail(ex) from None
     click.echo(f"requeued {n} dead letter(s)")

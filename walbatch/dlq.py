@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import sqlite_utils
@@ -23,8 +23,13 @@ from .codec import unpack_one
 from .errors import CorruptLog
 
 if TYPE_CHECKING:
-    from .durable import DurableBatcher
     from .log import Log
+
+
+class SubmitMany(Protocol):
+    """``submit_many(items, key=None)``: ``DurableBatcher.submit_many`` or ``Client.submit_many``."""
+
+    def __call__(self, items: list[Any], key: Any = None) -> Any: ...
 
 DLQ_FILE = "dlq.db"
 TABLE = "dead_letters"
@@ -152,23 +157,24 @@ class DeadLetterStore:
         victims = [(d.log_id, d.seq) for d in self.list() if seqs is None or d.seq in set(seqs)]
         return self.remove(victims)
 
-    def requeue(self, batcher: DurableBatcher, seqs: Sequence[int] | None = None) -> int:
+    def requeue(self, submit_many: SubmitMany, seqs: Sequence[int] | None = None) -> int:
         """Submit dead letters again (as new items with new seqs), then delete them.
 
-        The submit is durable before the row is deleted, so a crash in between
-        can only leave a duplicate, never a loss. Lost-to-corruption rows have no
-        payload and are left in place. Returns how many were requeued.
+        ``submit_many(items, key=...)`` is how they go back in: a batcher's
+        ``submit_many`` in this process, or a daemon client's. Each key's items
+        go in one call with their key, so keyed items stay keyed. The submit is
+        durable before the rows are deleted, so a crash in between can only
+        leave a duplicate, never a loss. Lost-to-corruption rows have no payload
+        and are left in place. Returns how many were requeued.
         """
         wanted = None if seqs is None else set(seqs)
         chosen = [d for d in self.list() if not d.lost and (wanted is None or d.seq in wanted)]
-        if not chosen:
-            return 0
         by_key: dict[Any, list[DeadLetter]] = {}
         for d in chosen:
             by_key.setdefault(d.key, []).append(d)
         n = 0
         for key, letters in by_key.items():
-            batcher.submit_many([d.item for d in letters], key=key)
+            submit_many([d.item for d in letters], key=key)
             # Right after each key's submit: if a later one fails (LogFull), a second
             # requeue must not submit this key's items again.
             n += self.remove((d.log_id, d.seq) for d in letters)
@@ -229,17 +235,3 @@ def list_dead_letters(data_dir: str, limit: int | None = None) -> list[DeadLette
         return store.list(limit)
     finally:
         store.close()
-
-
-def requeue(data_dir: str, sink: Any = None, seqs: Sequence[int] | None = None) -> int:
-    """Requeue dead letters of the log in ``data_dir`` through a short-lived batcher.
-
-    Fails with LogLocked while another batcher has the directory open; use
-    ``DurableBatcher.dead_letters.requeue(batcher)`` from inside that process.
-    The requeued items are delivered when the log is next opened with a sink
-    (or right away, if ``sink`` is given).
-    """
-    from .durable import DurableBatcher
-
-    with DurableBatcher(data_dir, sink) as b:
-        return b.dead_letters.requeue(b, seqs)

@@ -16,17 +16,16 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, overload
 
 import msgpack
 
 from .checkpoint import Checkpoint
 from .commit import GroupCommitter
-from .dlq import DLQ_FILE, DeadLetterStore, record_lost
+from .delivery import Delivery, Stats, close_sink
+from .dlq import DeadLetterStore
 from .errors import Closed, LogFull
 from .fileio import FileSystem
-from .flusher import Flusher
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
 from .keys import check_key, wrap, wrap_many
 from .log import Log
@@ -106,37 +105,14 @@ def _check_frame_size(nbytes: int) -> None:
                          "bytes; nothing was written")
 
 
-def _record_store_lost(store: DeadLetterStore, log_: Log, how: str) -> None:
-    """dlq.db was deleted or truncated although dead letters had been recorded: say so.
-
-    The items are gone; what is left is to make the loss visible where an operator
-    looks (``walbatch dlq list``, ``status``), as one entry with seq 0.
-    """
-    n = log_.checkpoint.dead_lettered
-    text = (f"the dead-letter store was lost: {DLQ_FILE} was {how} on open while the "
-            f"checkpoint counts {n} dead letter(s); their items are gone (purge this entry "
-            "once noted)")
-    store.add(str(log_.log_id), [(0, None)], text, lost=True)
-    log.error("walbatch: %s", text)
-
-
-def _close_quietly(sink: Any) -> None:
-    close = getattr(sink, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:
-            log.exception("walbatch: sink.close() failed")
-
-
 class Receipt:
     """The acknowledgement of one durable item: its seq, and a way to await delivery."""
 
-    __slots__ = ("seq", "_flusher")
+    __slots__ = ("seq", "_delivery")
 
-    def __init__(self, seq: int, flusher: Flusher) -> None:
+    def __init__(self, seq: int, delivery: Delivery) -> None:
         self.seq = seq
-        self._flusher = flusher
+        self._delivery = delivery
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the item is delivered.
@@ -145,13 +121,12 @@ class Receipt:
         not delivered in time (it stays in the log), Closed if the batcher closed
         first.
         """
-        self._flusher.wait_seq(self.seq, timeout)
+        self._delivery.wait_seq(self.seq, timeout)
 
     @property
     def delivered(self) -> bool:
         """True once the item is delivered or dead-lettered."""
-        with self._flusher._cv:
-            return self._flusher._is_complete(self.seq)
+        return self._delivery.completed(self.seq)
 
     def __repr__(self) -> str:
         return f"Receipt(seq={self.seq})"
@@ -160,12 +135,12 @@ class Receipt:
 class Receipts(Sequence[Receipt]):
     """The receipts of one ``submit_many``: seqs ``first_seq .. first_seq+count-1``."""
 
-    __slots__ = ("first_seq", "count", "_flusher")
+    __slots__ = ("first_seq", "count", "_delivery")
 
-    def __init__(self, first_seq: int, count: int, flusher: Flusher) -> None:
+    def __init__(self, first_seq: int, count: int, delivery: Delivery) -> None:
         self.first_seq = first_seq
         self.count = count
-        self._flusher = flusher
+        self._delivery = delivery
 
     def __len__(self) -> int:
         return self.count
@@ -181,11 +156,11 @@ class Receipts(Sequence[Receipt]):
             i += self.count
         if not 0 <= i < self.count:
             raise IndexError(i)
-        return Receipt(self.first_seq + i, self._flusher)
+        return Receipt(self.first_seq + i, self._delivery)
 
     def __iter__(self) -> Iterator[Receipt]:
         for i in range(self.count):
-            yield Receipt(self.first_seq + i, self._flusher)
+            yield Receipt(self.first_seq + i, self._delivery)
 
     @property
     def seqs(self) -> range:
@@ -196,80 +171,10 @@ class Receipts(Sequence[Receipt]):
         end = None if timeout is None else time.monotonic() + timeout
         for seq in self.seqs:
             left = None if end is None else max(0.0, end - time.monotonic())
-            self._flusher.wait_seq(seq, left)
+            self._delivery.wait_seq(seq, left)
 
     def __repr__(self) -> str:
         return f"Receipts(first_seq={self.first_seq}, count={self.count})"
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A snapshot of a batcher. At a quiescent point (nothing being submitted or
-    delivered) ``submitted == delivered + dead_lettered + pending``, across
-    reopens too."""
-
-    log_id: str
-    submitted: int
-    """Items acknowledged since the log was created (the last durable seq)."""
-    delivered: int
-    dead_lettered: int
-    pending: int
-    """Acknowledged items not yet delivered or dead-lettered."""
-    batches_by_reason: dict[str, int] = field(default_factory=dict)
-    log_bytes: int = 0
-    segments: int = 0
-    fsyncs: int = 0
-    commit_groups: int = 0
-    last_checkpoint: int = 0
-    retries: int = 0
-    last_error: str | None = None
-    lost_to_corruption: int = 0
-    coalesced: int = 0
-    """Delivered items that a ``combine`` hook merged into others (part of ``delivered``)."""
-    keys_open: int = 0
-    """Keys with an open batch (keyed batching)."""
-    batch_limit: int = 0
-    """The size trigger in force: ``max_items``, or the adaptive limit."""
-    breaker_state: str = "off"
-    """The circuit breaker: ``off`` (not configured), ``closed``, ``open`` or ``half_open``."""
-    breaker_opens: int = 0
-    """How many times the circuit breaker opened."""
-
-
-def collect_stats(log_: Log, f: Flusher, commit_groups: int) -> Stats:
-    """A consistent Stats snapshot of a log and the flusher delivering it."""
-    with f._cv:
-        delivered = f.delivered_total + f.delivered_above
-        dead = f.dead_total + f.dead_above
-        completed_above = f.delivered_above + f.dead_above
-        done = f.done_through
-        by_reason = dict(f.batches_by_reason)
-        retries, last_error, cp = f.retries, f.last_error, f.persisted.seq
-        coalesced, batch_limit = f.coalesced, f.batch_limit
-        breaker = ("off", 0) if f.breaker is None else (f.breaker.state, f.breaker.opened)
-    submitted = max(log_.synced_seq, done)
-    segs = log_.segments()
-    return Stats(
-        log_id=str(log_.log_id),
-        submitted=submitted,
-        delivered=delivered,
-        dead_lettered=dead,
-        pending=submitted - done - completed_above,
-        batches_by_reason=by_reason,
-        log_bytes=sum(s.size for s in segs),
-        segments=len(segs),
-        fsyncs=log_.fsyncs,
-        commit_groups=commit_groups,
-        last_checkpoint=cp,
-        retries=retries,
-        last_error=last_error,
-        lost_to_corruption=sum(r.last - r.first + 1 for r in log_.lost),
-        coalesced=coalesced,
-        keys_open=f.keyed.keys_open,
-        batch_limit=batch_limit,
-        breaker_state=breaker[0],
-        breaker_opens=breaker[1],
-    )
 
 
 class DurableBatcher:
@@ -297,41 +202,28 @@ class DurableBatcher:
                                  on_corruption=opts.on_corruption,
                                  role="owner" if self._sink is not None else "writer")
         except BaseException:
-            _close_quietly(self._sink)  # e.g. the SQLite connection of a sink URL
+            close_sink(self._sink)  # e.g. the SQLite connection of a sink URL
             raise
         self._initial_checkpoint = self._log.checkpoint
         self._backlog_at_open = self._log.synced_seq - self._log.checkpoint.seq
         try:
-            dlq_path = os.path.join(self.directory, DLQ_FILE)
-            dlq_gone = "missing" if not os.path.exists(dlq_path) else (
-                "empty" if os.path.getsize(dlq_path) == 0 else None)
-            self.dead_letters = DeadLetterStore.for_dir(self.directory)
-            if dlq_gone and self._initial_checkpoint.dead_lettered:
-                _record_store_lost(self.dead_letters, self._log, dlq_gone)
-            record_lost(self.dead_letters, self._log)
-            if self._sink is not None:  # this open delivers everything past the checkpoint
-                again = self.dead_letters.forget_above(str(self._log.log_id),
-                                                       self._initial_checkpoint.seq)
-                if again:
-                    log.info("walbatch: %d dead letter(s) past the checkpoint are delivered "
-                             "again (their batch was not checkpointed)", again)
-            self._flusher = Flusher(self._log, self._sink, self.dead_letters, opts)
-            self._committer = GroupCommitter(self._log, self._flusher.on_durable,
+            self._delivery = Delivery(self._log, self._sink, opts)
+            self._committer = GroupCommitter(self._log, self._delivery.flusher.on_durable,
                                              opts.max_group_bytes)
         except BaseException:
+            close_sink(self._sink)
             self._log.close()
             raise
+        self.dead_letters: DeadLetterStore = self._delivery.dead_letters
+        """The log's dead-letter store (``dead_letters.requeue(batcher.submit_many)``)."""
         self._room = threading.Condition(threading.Lock())
         self._closing = False
         self._close_lock = threading.Lock()
         self._closed = threading.Event()
         self._aio_pool: ThreadPoolExecutor | None = None
         self._aio_state: weakref.WeakKeyDictionary[Any, _AioQueue] = weakref.WeakKeyDictionary()
-        self._flusher.on_space = self._notify_room
-        if self._sink is not None:
-            self._flusher.start()
-        else:
-            self._flusher.exited.set()  # writer only: delivery happens elsewhere
+        self._delivery.on_space = self._notify_room
+        self._delivery.start()
 
     def _notify_room(self) -> None:
         with self._room:
@@ -368,7 +260,7 @@ class DurableBatcher:
         data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
         self._wait_for_room(len(data))
-        return Receipt(self._committer.commit(data, 1), self._flusher)
+        return Receipt(self._committer.commit(data, 1), self._delivery)
 
     def submit_many(self, items: Iterable[Any], key: str | int | bytes | None = None) -> Receipts:
         """Durably append all ``items`` in one write and one fsync (all under ``key``).
@@ -379,10 +271,10 @@ class DurableBatcher:
         if count == 0:
             if self._closing:
                 raise Closed("the batcher is closed")
-            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+            return Receipts(self._log.synced_seq + 1, 0, self._delivery)
         _check_frame_size(len(payload))
         self._wait_for_room(len(payload))
-        return Receipts(self._committer.commit(payload, count), count, self._flusher)
+        return Receipts(self._committer.commit(payload, count), count, self._delivery)
 
     def _commit_payload(self, payload: bytes, count: int) -> int:
         self._wait_for_room(len(payload))
@@ -406,7 +298,7 @@ class DurableBatcher:
         if count == 0:
             if self._closing:
                 raise Closed("the batcher is closed")
-            return Receipts(self._log.synced_seq + 1, 0, self._flusher)
+            return Receipts(self._log.synced_seq + 1, 0, self._delivery)
         _check_frame_size(len(payload))
         return await self._aio_enqueue(payload, count, True)
 
@@ -446,7 +338,7 @@ class DurableBatcher:
         quota and be refused as an item that "can never fit".
         """
         pool = self._aio_executor()
-        flusher = self._flusher
+        delivery = self._delivery
         limit = max(1, min(self.options.max_group_bytes, self.options.max_log_bytes // 4))
         try:
             while q.entries:
@@ -469,7 +361,7 @@ class DurableBatcher:
                 seq = first
                 for _payload, count, fut, many in entries:
                     if not fut.done():
-                        fut.set_result(Receipts(seq, count, flusher) if many else Receipt(seq, flusher))
+                        fut.set_result(Receipts(seq, count, delivery) if many else Receipt(seq, delivery))
                     seq += count
         finally:
             q.running = False
@@ -502,8 +394,8 @@ class DurableBatcher:
                     f"log is full ({self._log.total_bytes} of max_log_bytes="
                     f"{opts.max_log_bytes} bytes) and did not drain within "
                     f"submit_timeout={opts.submit_timeout}s; the item was not written"
-                    + (f"; last sink error: {self._flusher.last_error}"
-                       if self._flusher.last_error else "")
+                    + (f"; last sink error: {self._delivery.last_error}"
+                       if self._delivery.last_error else "")
                 )
             with self._room:
                 self._room.wait(min(left, 0.05))
@@ -518,20 +410,20 @@ class DurableBatcher:
         """
         if self._sink is None:
             raise Closed("this batcher has no sink (sink=None): it only writes the log")
-        if self._flusher.in_sink():
+        if self._delivery.in_sink():
             raise RuntimeError("flush() called from inside the sink would wait for itself")
-        self._flusher.flush(self._log.synced_seq, timeout)
+        self._delivery.progress.flush(self._log.synced_seq, timeout)
 
     async def aflush(self, timeout: float | None = None) -> None:
         """``flush`` for asyncio: same result and errors, without holding a thread."""
         if self._sink is None:
             raise Closed("this batcher has no sink (sink=None): it only writes the log")
-        if self._flusher.in_sink():
+        if self._delivery.in_sink():
             raise RuntimeError("aflush() called from inside the sink would wait for itself")
-        await self._flusher.aflush(self._log.synced_seq, timeout)
+        await self._delivery.progress.aflush(self._log.synced_seq, timeout)
 
     def stats(self) -> Stats:
-        return collect_stats(self._log, self._flusher, self._committer.groups)
+        return self._delivery.stats(self._committer.groups)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, deliver what can be delivered within ``timeout``, close.
@@ -552,18 +444,18 @@ class DurableBatcher:
             self._committer.close()
             with self._room:
                 self._room.notify_all()
-            self._flusher.stop(time.monotonic() + timeout)
-        if self._flusher.in_sink():
+            self._delivery.stop(time.monotonic() + timeout)
+        if self._delivery.in_sink():
             # Called from inside the sink: the flusher cannot wait for itself.
             threading.Thread(target=self._finish_after_exit, daemon=True).start()
             return
-        if not self._flusher.exited.wait(timeout + 5.0):
+        if not self._delivery.wait_stopped(timeout + 5.0):
             log.error("walbatch: the sink did not return within the close timeout; "
                       "closing anyway (undelivered items stay in the log)")
         self._finish()
 
     def _finish_after_exit(self) -> None:
-        self._flusher.exited.wait()
+        self._delivery.flusher.exited.wait()
         self._finish()
 
     def _finish(self) -> None:
@@ -573,8 +465,7 @@ class DurableBatcher:
             self._closed.set()
         if self._aio_pool is not None:
             self._aio_pool.shutdown(wait=False)
-        _close_quietly(self._sink)
-        self.dead_letters.close()
+        self._delivery.close()
         self._log.close()
 
     @property

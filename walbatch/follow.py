@@ -16,10 +16,8 @@ import threading
 import time
 from typing import Any
 
-from .dlq import DeadLetterStore, record_lost
-from .durable import Stats, collect_stats
+from .delivery import Delivery, Stats
 from .errors import LogLocked
-from .flusher import Flusher
 from .log import Log
 from .options import Options
 from .sinks.base import resolve_sink
@@ -43,18 +41,17 @@ class Follower:
         self.log = Log.open(directory, segment_bytes=opts.segment_bytes,
                             on_corruption=opts.on_corruption, role="flusher")
         try:
-            self.dead_letters = DeadLetterStore.for_dir(self.log.directory)
-            record_lost(self.dead_letters, self.log)
-            self.flusher = Flusher(self.log, self._sink, self.dead_letters, opts, follow=True)
+            self.delivery = Delivery(self.log, self._sink, opts, follow=True)
         except BaseException:
             self.log.close()
             raise
+        self.dead_letters = self.delivery.dead_letters
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="walbatch-follow", daemon=True)
         self._closed = False
 
     def start(self) -> None:
-        self.flusher.start()
+        self.delivery.start()
         self._watcher.start()
 
     def _watch(self) -> None:
@@ -73,12 +70,12 @@ class Follower:
     def _refresh(self) -> None:
         try:
             if self.log.refresh():
-                self.flusher.wake()
+                self.delivery.flusher.wake()
         except OSError as ex:
             log.warning("walbatch: refreshing %s failed: %s", self.log.directory, ex)
 
     def stats(self) -> Stats:
-        return collect_stats(self.log, self.flusher, 0)
+        return self.delivery.stats()
 
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what is published (until ``timeout``), checkpoint, release the locks."""
@@ -87,13 +84,10 @@ class Follower:
         self._closed = True
         self._stop.set()
         self._refresh()
-        self.flusher.stop(time.monotonic() + timeout)
-        if self.flusher.thread.is_alive():
-            self.flusher.exited.wait(timeout + 5.0)
-        close = getattr(self._sink, "close", None)
-        if callable(close):
-            close()
-        self.dead_letters.close()
+        self.delivery.stop(time.monotonic() + timeout)
+        if self.delivery.flusher.thread.is_alive():
+            self.delivery.wait_stopped(timeout + 5.0)
+        self.delivery.close()
         self.log.close()
 
     def __enter__(self) -> Follower:
