@@ -363,10 +363,11 @@ def test_verify_finds_a_flipped_byte_in_a_sealed_segment_and_repair_goes_past_it
     assert wb("verify", "--data-dir", data).stdout.strip().splitlines()[-1].startswith("intact")
     assert {"seq": bad_seq, "lost": True} in dump(data)
 
-    result = wb("replay", "--data-dir", data, "--sink", f"sqlite:///{db}")
+    result = wb("replay", "--data-dir", data, "--sink", f"sqlite:///{db}", code=4)
     assert "delivered 59 item(s), dead-lettered 1, 0 left" in result.stdout
     assert sqlite_seqs(db) == [s for s in range(1, 61) if s != bad_seq]
-    listing = wb("dlq", "list", "--data-dir", data).stdout.splitlines()
+    header, *listing = wb("dlq", "list", "--data-dir", data).stdout.splitlines()
+    assert header.split("\t") == ["seq", "failed_at", "error", "item"]
     assert len(listing) == 1
     assert listing[0].split("\t")[0] == str(bad_seq) and "(lost)" in listing[0]
     [letter] = [json.loads(x) for x in wb("dlq", "list", "--data-dir", data, "--json").stdout.splitlines()]
@@ -398,16 +399,17 @@ def test_dlq_list_requeue_and_purge(tmp_path):
     (tmp_path / "permsink.py").write_text(PERMANENT_SINK)
     env = {"PYTHONPATH": str(tmp_path)}
     build_log(data, 12)
-    result = wb("replay", "--data-dir", data, "--sink", "permsink:write", env=env)
+    result = wb("replay", "--data-dir", data, "--sink", "permsink:write", env=env, code=4)
     assert "delivered 6 item(s), dead-lettered 6, 0 left" in result.stdout
+    assert "6 item(s) were dead-lettered: see `walbatch dlq list" in result.stderr
     dead_seqs = [s for s in range(1, 13) if (s - 1) % 2]  # seq = i + 1
     letters = [json.loads(x) for x in wb("dlq", "list", "--data-dir", data, "--json").stdout.splitlines()]
     assert [d["seq"] for d in letters] == dead_seqs
     assert all(d["error"] == f"PermanentSinkError: odd i={d['item']['i']} refused" for d in letters)
     assert all(not d["lost"] for d in letters)
-    text = wb("dlq", "list", "--data-dir", data).stdout.splitlines()
+    text = wb("dlq", "list", "--data-dir", data).stdout.splitlines()[1:]
     assert [line.split("\t")[0] for line in text] == [str(s) for s in dead_seqs]
-    assert len(wb("dlq", "list", "--data-dir", data, "--limit", "2").stdout.splitlines()) == 2
+    assert len(wb("dlq", "list", "--data-dir", data, "--limit", "2").stdout.splitlines()) == 3
     assert json.loads(wb("status", "--data-dir", data, "--json").stdout)["dead_letters"] == 6
 
     # requeue one: it goes back into the log with a new seq and leaves the store.
@@ -419,15 +421,16 @@ def test_dlq_list_requeue_and_purge(tmp_path):
     # purge asks first; "no" keeps everything.
     result = wb("dlq", "purge", "--data-dir", data, "--seq", "2", input="n\n", code=1)
     assert "Aborted" in result.stderr
-    assert len(wb("dlq", "list", "--data-dir", data).stdout.splitlines()) == 5
+    assert len(wb("dlq", "list", "--data-dir", data).stdout.splitlines()) == 1 + 5
     assert wb("dlq", "purge", "--data-dir", data, "--seq", "2", "--yes").stdout.strip() == \
         "purged 1 dead letter(s)"
     assert wb("dlq", "purge", "--data-dir", data, input="y\n").stdout.strip().endswith(
         "purged 4 dead letter(s)")
-    assert wb("dlq", "list", "--data-dir", data).stdout == ""
+    empty = wb("dlq", "list", "--data-dir", data)
+    assert empty.stdout == "" and empty.stderr.startswith("no dead letters in ")
 
     # The requeued item is delivered by the next replay (and refused again: it is odd).
-    result = wb("replay", "--data-dir", data, "--sink", "permsink:write", env=env)
+    result = wb("replay", "--data-dir", data, "--sink", "permsink:write", env=env, code=4)
     assert "delivered 0 item(s), dead-lettered 1, 0 left" in result.stdout
     assert dlq_seqs(data) == [13]
 
@@ -436,7 +439,8 @@ def test_dlq_requeue_through_a_running_daemon(tmp_path):
     data = tmp_path / "data"
     (tmp_path / "permsink.py").write_text(PERMANENT_SINK)
     build_log(data, 4)
-    wb("replay", "--data-dir", data, "--sink", "permsink:write", env={"PYTHONPATH": str(tmp_path)})
+    wb("replay", "--data-dir", data, "--sink", "permsink:write", env={"PYTHONPATH": str(tmp_path)},
+       code=4)
     with serving(data) as sock:
         result = wb("dlq", "requeue", "--data-dir", data, "--socket", sock)
         assert result.stdout.strip() == "requeued 2 dead letter(s)"
@@ -453,7 +457,8 @@ def test_dlq_requeue_through_a_running_daemon_keeps_each_items_key(tmp_path):
     with DurableBatcher(data, None) as b:
         b.submit_many([{"i": 0}, {"i": 1}], key="tenant-a")
         b.submit_many([{"i": 2}, {"i": 3}], key=7)
-    wb("replay", "--data-dir", data, "--sink", "permsink:write", env={"PYTHONPATH": str(tmp_path)})
+    wb("replay", "--data-dir", data, "--sink", "permsink:write", env={"PYTHONPATH": str(tmp_path)},
+       code=4)
     assert dlq_seqs(data) == [2, 4]
     with serving(data) as sock:
         result = wb("dlq", "requeue", "--data-dir", data, "--socket", sock)
@@ -474,7 +479,6 @@ def test_dlq_requeue_through_a_running_daemon_keeps_each_items_key(tmp_path):
     ["replay", "--data-dir", "{log}", "--sink", "no_such_module_xyz:write"],
     ["replay", "--dry-run", "--data-dir", "{missing}", "--sink", "x"],
     ["serve", "--data-dir", "{log}", "--sink", "bogus"],
-    ["serve", "--data-dir", "{log}", "--segment-bytes", "4096", "--max-log-bytes", "4096"],
     ["serve", "--data-dir", "{log}", "--socket", "{empty}"],
     ["dlq", "purge", "--data-dir", "{missing}", "--yes"],
     ["dlq", "requeue", "--data-dir", "{missing}"],
@@ -516,7 +520,51 @@ def test_every_error_path_prints_one_line_and_no_traceback(tmp_path, args):
     ["serve", "--socket-mode", "-1"],
     ["serve", "--socket-mode", "7777"],
     ["dlq", "list", "--limit", "99999999999999999999"],
+    ["dlq", "list", "--limit", str(1 << 63)],
+    ["serve", "--max-items", "0"],
+    ["replay", "--max-delay", "100000", "--sink", "x"],
+    ["serve", "--segment-bytes", "4096", "--max-log-bytes", "4096"],  # fine alone, not together
 ])
 def test_usage_errors_exit_2_without_a_traceback(tmp_path, args):
     result = wb(*args, code=2)
     assert "Error" in result.stderr
+
+
+def test_a_bad_value_in_the_config_file_names_the_file_and_key(tmp_path):
+    config = tmp_path / "walbatch.toml"
+    config.write_text('max_items = "lots"\n')
+    result = wb("serve", "--config", config, "--data-dir", tmp_path / "d", code=2)
+    assert f"{config}: max_items = 'lots'" in result.stderr
+    assert "WALBATCH_MAX_ITEMS" not in result.stderr  # it used to blame the variable
+    assert not (tmp_path / "d").exists()
+
+
+def test_replay_dry_run_needs_no_sink(tmp_path):
+    data = tmp_path / "data"
+    build_log(data, 5)
+    assert "would deliver 5 item(s)" in wb("replay", "--dry-run", "--data-dir", data).stdout
+
+
+def test_submit_without_a_daemon_says_how_to_start_one_or_go_direct(tmp_path):
+    result = wb("submit", "--data-dir", tmp_path / "d", '{"a": 1}', code=1)
+    line = one_error_line(result)
+    assert "walbatch serve --data-dir" in line and "--direct" in line and "nothing was submitted" in line
+
+
+@pytest.mark.parametrize("command,variables", [
+    (["serve"], ["WALBATCH_DATA_DIR", "WALBATCH_SINK", "WALBATCH_LOG_LEVEL", "WALBATCH_MAX_ITEMS"]),
+    (["replay"], ["WALBATCH_DATA_DIR", "WALBATCH_SINK"]),
+    (["dlq", "list"], ["WALBATCH_DATA_DIR"]),
+])
+def test_help_names_the_environment_variables(command, variables):
+    text = " ".join(wb(*command, "--help").stdout.split())
+    for var in variables:
+        assert f"env var: {var}" in text
+
+
+def test_help_texts_render_their_examples_verbatim():
+    text = wb("submit", "--help").stdout
+    assert """printf '{"user": 1}\\n{"user": 2}\\n' | walbatch submit""" in text
+    limit = " ".join(wb("dlq", "list", "--help").stdout.split())
+    assert "--limit N" in limit and "9223372036854775807" not in limit
+

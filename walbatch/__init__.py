@@ -4,6 +4,7 @@ Submit items one at a time; each is fsync'd to an append-only segment log before
 ``submit`` returns, batched to a sink, and replayed after a crash.
 """
 
+from . import combine
 from .client import AsyncClient, Client
 from .delivery import Stats
 from .dlq import DeadLetter, DeadLetterStore
@@ -48,4 +49,5 @@ __all__ = [
     "Stats",
     "WalbatchError",
     "__version__",
+    "combine",
 ]

@@ -32,9 +32,10 @@ from .durable import DurableBatcher
 from .errors import LogLocked, WalbatchError, format_seqs
 from .keys import Keyed, check_key
 from .log import Log
-from .options import Options
+from .options import MAX_SECONDS, Options
 
 _DEMO_MARKER = ".walbatch-demo"
+EXIT_DEAD_LETTERED = 4  # replay finished, but some items went to the dead letters
 
 
 def protocol_default_frame() -> int:
@@ -43,13 +44,22 @@ def protocol_default_frame() -> int:
     return DEFAULT_MAX_FRAME
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def docs_dir() -> str:
+    """Where the documentation that help texts and messages name (docs/...) is installed."""
+    installed = os.path.join(sys.prefix, "share", "doc", "walbatch")
+    if os.path.isdir(os.path.join(installed, "docs")):
+        return installed
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a source checkout
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"Documentation (README.md, docs/): {docs_dir()}")
 @click.version_option(__version__, prog_name="walbatch")
 def cli() -> None:
     """walbatch: fsync each item to a log, batch it to a sink, never lose it.
 
     Exit codes: 0 success, 1 an error (one line on stderr), 2 bad usage,
-    3 the log is corrupt (verify found damage).
+    3 the log is corrupt (verify found damage), 4 replay dead-lettered items.
     """
 
 
@@ -134,9 +144,9 @@ def batcher_options(f):  # type: ignore[no-untyped-def]
         elif isinstance(fld.default, bool):
             ptype = click.BOOL
         elif fld.name in ("retry_limit", "breaker_failures") or isinstance(fld.default, int):
-            ptype = click.IntRange(min=0)
+            ptype = click.IntRange(min=1)
         else:
-            ptype = click.FloatRange(min=0)
+            ptype = click.FloatRange(min=0, max=MAX_SECONDS)
         f = click.option(
             "--" + fld.name.replace("_", "-"), fld.name, type=ptype, default=None,
             envvar="WALBATCH_" + fld.name.upper(), show_envvar=True,
@@ -146,8 +156,17 @@ def batcher_options(f):  # type: ignore[no-untyped-def]
 
 
 def _options_from(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The Options the user set (flag, env or config); the rest keep their defaults."""
-    return {name: kwargs[name] for name in Options.names() if kwargs.get(name) is not None}
+    """The Options the user set (flag, env or config); the rest keep their defaults.
+
+    Settings that are fine alone but not together (max_log_bytes below twice
+    segment_bytes) are a usage error, exit 2, like a bad flag.
+    """
+    opts = {name: kwargs[name] for name in Options.names() if kwargs.get(name) is not None}
+    try:
+        Options(**opts)
+    except (ValueError, TypeError) as ex:
+        raise click.UsageError(str(ex)) from None
+    return opts
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
@@ -162,12 +181,16 @@ def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) 
     except tomllib.TOMLDecodeError as ex:
         raise click.BadParameter(f"{path} is not valid TOML: {ex}") from None
     data = data.get("walbatch", data)
-    known = {p.name for p in ctx.command.params if p.name}
+    params = {p.name: p for p in ctx.command.params if p.name}
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in known or name == "config":
-            raise click.BadParameter(f"{path}: unknown setting {key!r}")
+        if name not in params or name == "config":
+            raise click.UsageError(f"{path}: unknown setting {key!r}")
+        try:  # checked here, so the error names the file, not a flag or variable
+            params[name].type_cast_value(ctx, value)
+        except click.BadParameter as ex:
+            raise click.UsageError(f"{path}: {key} = {value!r}: {ex.message}") from None
         values[name] = value
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return path
@@ -287,6 +310,14 @@ def _json_keys(v: Any) -> Any:
     return v
 
 
+def _no_daemon(ex: BaseException) -> bool:
+    """True if ``ex`` says nobody listens on the socket (not: the daemon refused)."""
+    from .client import DaemonUnavailable
+
+    return isinstance(ex, DaemonUnavailable) and isinstance(
+        ex.__cause__ or ex.__context__, (FileNotFoundError, ConnectionRefusedError))
+
+
 def _require_log_dir(data_dir: str) -> None:
     """Refuse a directory that holds no log (a mistyped --data-dir must not become a new one)."""
     from .log import CHECKPOINT_FILE, SEGMENTS_DIR
@@ -323,7 +354,7 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
 
     \b
     Example:
-        printf '{"user": 1}\n{"user": 2}\n' | walbatch submit
+        printf '{"user": 1}\\n{"user": 2}\\n' | walbatch submit
         walbatch submit '{"user": 3}' '"a string item"'
         walbatch submit --key tenant-7 < events.jsonl
     """
@@ -375,6 +406,11 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
             acked += send(batch)
     except (WalbatchError, OSError) as ex:
         error = str(ex)
+        if not direct and acked == 0 and _no_daemon(ex):
+            raise click.ClickException(
+                f"{ex}; start it with `walbatch serve --data-dir {data_dir}`, or write into "
+                "the log without a daemon with `walbatch submit --direct`; nothing was "
+                "submitted") from None
     finally:
         target.close()
     click.echo(f"acknowledged {acked} item(s)")
@@ -469,9 +505,10 @@ def _is_locked(data_dir: str) -> bool:
 
 @cli.command()
 @_DATA_DIR
-@click.option("--sink", required=True, envvar="WALBATCH_SINK",
+@click.option("--sink", default=None, envvar="WALBATCH_SINK",
               help="Where to deliver: sqlite:///PATH, file:///PATH, postgresql://..., "
-                   "nats://..., http(s)://... or module:function (docs/sinks.md).")
+                   "nats://..., http(s)://... or module:function (docs/sinks.md). "
+                   "Required unless --dry-run.")
 @click.option("--dry-run", is_flag=True, help="Only read, decode and count what would be delivered.")
 @click.option("--timeout", default=None, type=click.FloatRange(min=0),
               help="Give up after this many seconds (what is left stays in the log).")
@@ -479,7 +516,7 @@ def _is_locked(data_dir: str) -> bool:
               help="Keep running as a standalone flusher: deliver what a separate writer process "
                    "(DurableBatcher(dir, None) or `submit --direct`) appends, until SIGTERM/SIGINT.")
 @batcher_options
-def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follow: bool,
+def replay(data_dir: str, sink: str | None, dry_run: bool, timeout: float | None, follow: bool,
            **kwargs: Any) -> None:
     """Deliver everything after the checkpoint to a sink, without the daemon.
 
@@ -488,12 +525,19 @@ def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follo
     counts and checks the backlog without delivering or changing anything.
     --follow keeps delivering what a separate writer process appends.
 
+    Exits 4 when it dead-lettered items (they are in `walbatch dlq list`), 3 when
+    the log is damaged.
+
     \b
     Example:
         walbatch replay --data-dir /var/lib/walbatch --sink "sqlite:///events.db?table=events"
         walbatch replay --data-dir /var/lib/walbatch --sink file:///var/log/events.jsonl --follow
     """
+    if sink is None and not dry_run:
+        raise click.UsageError("Missing option '--sink' (or WALBATCH_SINK): where to deliver; "
+                               "--dry-run only reads")
     if follow:
+        assert sink is not None
         _follow(data_dir, sink, _options_from(kwargs))
         return
     _require_log_dir(data_dir)
@@ -562,6 +606,10 @@ def replay(data_dir: str, sink: str, dry_run: bool, timeout: float | None, follo
                f"in {elapsed:.2f}s; checkpoint {end.last_checkpoint}")
     if failure:
         raise _fail(failure[0])
+    if dead:
+        click.echo(f"{dead} item(s) were dead-lettered: see `walbatch dlq list --data-dir "
+                   f"{data_dir}`", err=True)
+        sys.exit(EXIT_DEAD_LETTERED)
 
 
 def _follow(data_dir: str, sink: str, opts: dict[str, Any]) -> None:
@@ -718,7 +766,8 @@ def dlq() -> None:
 
 @dlq.command("list")
 @_DATA_DIR
-@click.option("--limit", type=click.IntRange(1, (1 << 63) - 1), default=None,
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              callback=lambda _c, p, v: _at_most_64_bits(v, p),
               help="At most this many, oldest first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
 def dlq_list(data_dir: str, limit: int | None, as_json: bool) -> None:
@@ -732,7 +781,13 @@ def dlq_list(data_dir: str, limit: int | None, as_json: bool) -> None:
 
     if not os.path.isdir(data_dir):
         raise click.ClickException(f"{data_dir} does not exist")
-    for d in list_dead_letters(data_dir, limit):
+    letters = list_dead_letters(data_dir, limit)
+    if not letters and not as_json:
+        click.echo(f"no dead letters in {data_dir}", err=True)
+        return
+    if not as_json:
+        click.echo("seq\tfailed_at\terror\titem")
+    for d in letters:
         if as_json:
             click.echo(_dumps(dataclasses.asdict(d)))
         else:
@@ -764,6 +819,12 @@ def dlq_requeue(data_dir: str, socket_path: str | None, seqs: tuple[int, ...]) -
     except WalbatchError as ex:
         raise _fail(ex) from None
     click.echo(f"requeued {n} dead letter(s)")
+
+
+def _at_most_64_bits(value: int | None, param: click.Parameter) -> int | None:
+    if value is not None and value >= 1 << 63:  # SQLite's LIMIT is a signed 64-bit integer
+        raise click.BadParameter(f"{value} is too large", param=param)
+    return value
 
 
 def _require_dead_letters(data_dir: str, seqs: tuple[int, ...], lost_ok: bool) -> None:
@@ -920,6 +981,19 @@ def _read_acks(path: str) -> list[int]:
             return [int(line) for line in f if line.endswith("\n")]
     except FileNotFoundError:
         return []
+
+
+def _show_envvars(group: click.Group) -> None:
+    # --help names the WALBATCH_* variable next to every option that reads one.
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            _show_envvars(cmd)
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar:
+                p.show_envvar = True
+
+
+_show_envvars(cli)
 
 
 def main() -> None:

@@ -89,17 +89,13 @@ class Options:
     left; the rest stays in the log for the next open."""
 
     def __post_init__(self) -> None:
-        positive = ("max_items", "max_bytes", "flush_concurrency", "segment_bytes",
-                    "max_log_bytes", "max_group_bytes", "memory_tail_bytes", "max_open_keys",
-                    "adaptive_min_items")
-        for name in positive:
+        for name in POSITIVE:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        for name in ("max_delay", "submit_timeout", "checkpoint_interval",
-                     "retry_initial_delay", "retry_max_delay", "close_timeout",
-                     "adaptive_target_latency", "breaker_cooldown"):
-            _check_seconds(name, getattr(self, name))
+        for name in SECONDS:
+            if getattr(self, name) is not None or name != "retry_max_elapsed":
+                _check_seconds(name, getattr(self, name))
         if self.max_log_bytes < 2 * self.segment_bytes:
             raise ValueError(
                 f"max_log_bytes ({self.max_log_bytes}) must be at least twice segment_bytes "
@@ -114,8 +110,6 @@ class Options:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 raise ValueError(f"{name} must be None or an integer of at least 1, not {value!r}")
-        if self.retry_max_elapsed is not None:
-            _check_seconds("retry_max_elapsed", self.retry_max_elapsed)
         if self.adaptive_batching and self.adaptive_min_items > self.max_items:
             raise ValueError(f"adaptive_min_items ({self.adaptive_min_items}) may not exceed "
                              f"max_items ({self.max_items}), the adaptive trigger's upper bound")
@@ -135,11 +129,19 @@ class Options:
 
 
 # A day: longer waits are surely a mistake, and inf overflows the clocks waits use.
-_MAX_SECONDS = 86400.0
+MAX_SECONDS = 86400.0
+
+POSITIVE = ("max_items", "max_bytes", "flush_concurrency", "segment_bytes", "max_log_bytes",
+            "max_group_bytes", "memory_tail_bytes", "max_open_keys", "adaptive_min_items")
+"""Options that are counts or sizes of at least 1."""
+SECONDS = ("max_delay", "submit_timeout", "checkpoint_interval", "retry_initial_delay",
+           "retry_max_delay", "close_timeout", "adaptive_target_latency", "breaker_cooldown",
+           "retry_max_elapsed")
+"""Options in seconds, from 0 to MAX_SECONDS (retry_max_elapsed may also be None)."""
 
 
 def _check_seconds(name: str, value: object) -> None:
     if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not 0 <= value <= _MAX_SECONDS):  # also false for NaN
-        raise ValueError(f"{name} must be a number of seconds from 0 to {_MAX_SECONDS:g} "
+            or not 0 <= value <= MAX_SECONDS):  # also false for NaN
+        raise ValueError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g} "
                          f"(a day), not {value!r}")
