@@ -541,74 +541,51 @@ def replay(data_dir: str, sink: str | None, dry_run: bool, timeout: float | None
         _follow(data_dir, sink, _options_from(kwargs))
         return
     _require_log_dir(data_dir)
+    from . import replay as replaying
+
     if dry_run:
-        log_ = _open_readonly(data_dir)
         try:
-            n = lost = 0
-            try:
-                for _seq, _item, is_lost in log_.records(log_.checkpoint.seq + 1):
-                    n += 1
-                    lost += is_lost
-            except WalbatchError as ex:
-                raise click.ClickException(f"{ex} (after {n} good records)") from None
-            corrupt = [f for f in log_.findings if f.is_corruption]
-        finally:
-            log_.close()
-        click.echo(f"would deliver {n - lost} item(s) after checkpoint {log_.checkpoint.seq}"
-                   + (f"; {lost} seq(s) damaged" if lost else ""))
-        for f in corrupt:
+            found = replaying.scan(data_dir)
+        except (FileNotFoundError, WalbatchError) as ex:
+            raise _fail(ex) from None
+        click.echo(f"would deliver {found.would_deliver} item(s) after checkpoint {found.checkpoint}"
+                   + (f"; {found.damaged} seq(s) damaged" if found.damaged else ""))
+        for f in found.corruption:
             click.echo(f.describe(), err=True)
-        if corrupt:
+        if found.corruption:
             sys.exit(3)
         return
-    opts = _options_from(kwargs)
+    bar: Any = None
+    shown = 0
+
+    def progress(done: int, total: int, rate: float) -> None:
+        nonlocal bar, shown
+        if not total or not sys.stderr.isatty():
+            return
+        if bar is None:
+            bar = click.progressbar(length=total, label="replaying", show_eta=True, show_pos=True,
+                                    file=sys.stderr,
+                                    item_show_func=lambda r: f"{r:,.0f} items/s" if r else None)
+            bar.__enter__()
+        bar.update(done - shown, rate or None)
+        shown = done
+
     try:
-        b = DurableBatcher(data_dir, sink, **opts)
+        try:
+            result = replaying.replay(data_dir, sink, timeout=timeout, progress=progress,
+                                      **_options_from(kwargs))
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
     except (WalbatchError, ValueError, TypeError, ImportError, AttributeError, OSError) as ex:
         raise _fail(ex) from None
-    start = b.initial_checkpoint
-    total = b.backlog_at_open
-    done = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            b.flush(timeout)
-        except BaseException as ex:  # reported below
-            failure.append(ex)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    t0 = time.monotonic()
-    if sys.stderr.isatty() and total:
-        with click.progressbar(length=total, label="replaying", show_eta=True, show_pos=True,
-                               file=sys.stderr,
-                               item_show_func=lambda rate: f"{rate:,.0f} items/s" if rate else None
-                               ) as bar:
-            shown = 0
-            while not done.wait(0.2):
-                s = b.stats()
-                now = s.delivered + s.dead_lettered - start.delivered - start.dead_lettered
-                bar.update(now - shown, now / max(1e-9, time.monotonic() - t0))  # type: ignore[arg-type]
-                shown = now
-            s = b.stats()
-            now = s.delivered + s.dead_lettered - start.delivered - start.dead_lettered
-            bar.update(now - shown)
-    else:
-        done.wait()
-    b.close(timeout=5)
-    end = b.stats()
-    delivered = end.delivered - start.delivered
-    dead = end.dead_lettered - start.dead_lettered
-    elapsed = time.monotonic() - t0
-    click.echo(f"delivered {delivered} item(s), dead-lettered {dead}, {end.pending} left, "
-               f"in {elapsed:.2f}s; checkpoint {end.last_checkpoint}")
-    if failure:
-        raise _fail(failure[0])
-    if dead:
-        click.echo(f"{dead} item(s) were dead-lettered: see `walbatch dlq list --data-dir "
-                   f"{data_dir}`", err=True)
+    click.echo(f"delivered {result.delivered} item(s), dead-lettered {result.dead_lettered}, "
+               f"{result.left} left, in {result.elapsed:.2f}s; checkpoint {result.checkpoint}")
+    if result.error is not None:
+        raise _fail(result.error)
+    if result.dead_lettered:
+        click.echo(f"{result.dead_lettered} item(s) were dead-lettered: see `walbatch dlq list "
+                   f"--data-dir {data_dir}`", err=True)
         sys.exit(EXIT_DEAD_LETTERED)
 
 
