@@ -18,6 +18,7 @@ from .errors import (
     LogLocked,
     LogWriteError,
     PermanentSinkError,
+    ResultDropped,
     SinkError,
     WalbatchError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PermanentSinkError",
     "Receipt",
     "Receipts",
+    "ResultDropped",
     "Record",
     "SinkError",
     "Stats",

@@ -126,17 +126,22 @@ class Delivery:
         if self.sink is not None:
             self.flusher.start()
         else:
-            self.flusher.exited.set()
+            self.progress.finish()  # nothing is delivered here: waiters learn at once
 
     # ------------------------------------------------------------ waiting
 
     def in_sink(self) -> bool:
         return self.flusher.in_sink()
 
-    def wait_seq(self, seq: int, timeout: float | None) -> None:
+    def wait_seq(self, seq: int, timeout: float | None) -> Any:
         if self.in_sink():
             raise RuntimeError("Receipt.wait() called from inside the sink would wait for itself")
-        self.progress.wait_seq(seq, timeout)
+        return self.progress.wait_seq(seq, timeout)
+
+    async def await_seq(self, seq: int) -> Any:
+        if self.in_sink():
+            raise RuntimeError("awaiting a Receipt inside the sink would wait for itself")
+        return await self.progress.await_seq(seq)
 
     def completed(self, seq: int) -> bool:
         return self.progress.completed(seq)

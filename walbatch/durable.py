@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, overload
 
@@ -106,22 +106,55 @@ def _check_frame_size(nbytes: int) -> None:
 
 
 class Receipt:
-    """The acknowledgement of one durable item: its seq, and a way to await delivery."""
+    """The acknowledgement of one durable item: its seq, and a way to await delivery.
 
-    __slots__ = ("seq", "_delivery")
+    ``wait()`` (or ``await receipt``) returns the item's result: what the sink
+    returned for it, None if it returned nothing. Results live in this process's
+    memory only; after a restart nobody waits and replayed items' results are
+    dropped.
+    """
 
-    def __init__(self, seq: int, delivery: Delivery) -> None:
+    __slots__ = ("seq", "_delivery", "_known")
+
+    def __init__(self, seq: int, delivery: Delivery, known: dict[int, Any] | None = None) -> None:
         self.seq = seq
         self._delivery = delivery
+        self._known = known  # results already collected (shared with the Receipts it came from)
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the item is delivered.
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the item is delivered; return its result.
 
         Raises DeadLettered if it went to the dead-letter store, TimeoutError if
         not delivered in time (it stays in the log), Closed if the batcher closed
         first.
         """
-        self._delivery.wait_seq(self.seq, timeout)
+        known = self._known
+        if known is not None and self.seq in known:
+            return known[self.seq]
+        result = self._delivery.wait_seq(self.seq, timeout)
+        self._remember(result)
+        return result
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await receipt``: ``wait()`` without blocking the event loop.
+
+        Cancelling the awaiting task only stops the wait: the item stays
+        acknowledged and is delivered anyway.
+        """
+        return self._await().__await__()
+
+    async def _await(self) -> Any:
+        known = self._known
+        if known is not None and self.seq in known:
+            return known[self.seq]
+        result = await self._delivery.await_seq(self.seq)
+        self._remember(result)
+        return result
+
+    def _remember(self, result: Any) -> None:
+        if self._known is None:
+            self._known = {}
+        self._known[self.seq] = result
 
     @property
     def delivered(self) -> bool:
@@ -135,12 +168,13 @@ class Receipt:
 class Receipts(Sequence[Receipt]):
     """The receipts of one ``submit_many``: seqs ``first_seq .. first_seq+count-1``."""
 
-    __slots__ = ("first_seq", "count", "_delivery")
+    __slots__ = ("first_seq", "count", "_delivery", "_known")
 
     def __init__(self, first_seq: int, count: int, delivery: Delivery) -> None:
         self.first_seq = first_seq
         self.count = count
         self._delivery = delivery
+        self._known: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return self.count
@@ -156,11 +190,11 @@ class Receipts(Sequence[Receipt]):
             i += self.count
         if not 0 <= i < self.count:
             raise IndexError(i)
-        return Receipt(self.first_seq + i, self._delivery)
+        return Receipt(self.first_seq + i, self._delivery, self._known)
 
     def __iter__(self) -> Iterator[Receipt]:
         for i in range(self.count):
-            yield Receipt(self.first_seq + i, self._delivery)
+            yield Receipt(self.first_seq + i, self._delivery, self._known)
 
     @property
     def seqs(self) -> range:
@@ -168,10 +202,22 @@ class Receipts(Sequence[Receipt]):
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until all are delivered; raise DeadLettered for the first dead one."""
+        self.results(timeout)
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Block until all are delivered; their results in order (DeadLettered for a dead one)."""
         end = None if timeout is None else time.monotonic() + timeout
-        for seq in self.seqs:
-            left = None if end is None else max(0.0, end - time.monotonic())
-            self._delivery.wait_seq(seq, left)
+        out = []
+        for r in self:
+            out.append(r.wait(None if end is None else max(0.0, end - time.monotonic())))
+        return out
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        """``await receipts``: ``results()`` without blocking the event loop."""
+        return self._await().__await__()
+
+    async def _await(self) -> list[Any]:
+        return [await r for r in self]
 
     def __repr__(self) -> str:
         return f"Receipts(first_seq={self.first_seq}, count={self.count})"

@@ -120,6 +120,20 @@ class DeadLettered(WalbatchError):
         super().__init__(f"item seq {seq} was dead-lettered: {error}")
 
 
+class ResultDropped(WalbatchError):
+    """The item was delivered, but its result (the sink's per-item value) is gone.
+
+    Results live in memory until a ``Receipt`` collects them; past
+    ``walbatch.progress.MAX_RESULTS`` uncollected results the oldest are dropped.
+    The item itself was delivered: only the value is missing.
+    """
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        super().__init__(f"item seq {seq} was delivered, but its result was dropped: more results "
+                         "than walbatch keeps were never collected by a wait()")
+
+
 def format_seqs(seqs: Sequence[int]) -> str:
     """Render a sorted list of seqs compactly ("1..4, 9") for error messages."""
     parts: list[str] = []

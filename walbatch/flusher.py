@@ -112,7 +112,7 @@ class Flusher:
                 log.exception("walbatch: final checkpoint write failed")
             self.dispatcher.close()
             self.intake.close()
-            self.exited.set()
+            self.progress.finish()
 
     def _loop(self) -> None:
         sd = self.shutdown

@@ -21,10 +21,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .batcher import REASONS
 from .checkpoint import Checkpoint
-from .errors import Closed, DeadLettered
+from .errors import Closed, DeadLettered, ResultDropped
 from .log import Log
 from .record import Record
 
@@ -33,6 +34,11 @@ log = logging.getLogger("walbatch")
 # Past this many dead seqs, Progress stops remembering their errors in memory and
 # wait_seq asks the dead-letter store instead.
 MAX_REMEMBERED_DEAD = 100_000
+# Per-item results (a sink's values) wait in memory until a Receipt collects them;
+# past this many uncollected, the oldest are dropped (ResultDropped for their waiters).
+MAX_RESULTS = 100_000
+
+_NO_RESULT = object()
 
 
 class Progress:
@@ -59,6 +65,10 @@ class Progress:
         """Why delivery stopped for good (CorruptLog, a flusher bug); raised to waiters."""
         self.flush_target = 0
         self.flush_waiters = 0
+        self.results: dict[int, Any] = {}
+        """Per-item values a sink returned, until a waiter collects them (memory only)."""
+        self._results_dropped_through = 0
+        self._async_waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
 
     # ---------------------------------------------------------- completing
 
@@ -68,8 +78,11 @@ class Progress:
             self._completed[first] = (last, delivered, dead_n)
             self._advance(delivered, dead_n, {})
 
-    def complete_records(self, records: list[Record], dead: dict[int, str]) -> None:
+    def complete_records(self, records: list[Record], dead: dict[int, str],
+                         results: dict[int, Any] | None = None) -> None:
         """Complete a delivered batch: every record not in ``dead`` was taken.
+
+        ``results`` holds the sink's per-item values (seq -> value), for waiters.
 
         A keyed batch's seqs interleave with other keys', so it completes one run of
         consecutive seqs at a time; an unkeyed batch is a single run.
@@ -78,10 +91,23 @@ class Progress:
         runs = ([(first, last)] if last - first + 1 == len(records)
                 else runs_of(r.seq for r in records))
         with self.cv:
+            if results:
+                self._keep_results(results)
             for a, b in runs:
                 x = len(dead) if len(runs) == 1 else sum(1 for s in dead if a <= s <= b)
                 self._completed[a] = (b, b - a + 1 - x, x)
             self._advance(len(records) - len(dead), len(dead), dead)
+            if self._async_waiters:
+                self._wake_async(runs)
+
+    def _keep_results(self, results: dict[int, Any]) -> None:
+        """(Holding cv.) Store results for their waiters, dropping the oldest past the cap."""
+        self.results.update(results)
+        over = len(self.results) - MAX_RESULTS
+        if over > 0:
+            for seq in list(self.results)[:over]:  # dicts keep insertion order: oldest first
+                del self.results[seq]
+                self._results_dropped_through = max(self._results_dropped_through, seq)
 
     def _advance(self, delivered: int, dead_n: int, dead: dict[int, str]) -> None:
         """Move done_through over the contiguous prefix of completed runs (holding cv)."""
@@ -117,6 +143,25 @@ class Progress:
             self.fatal = ex
             self.last_error = f"{type(ex).__name__}: {ex}"
             self.cv.notify_all()
+            self._wake_async(None)
+
+    def finish(self) -> None:
+        """The flusher thread has ended: nothing more completes; waiters stop waiting."""
+        with self.cv:
+            self.exited.set()
+            self.cv.notify_all()
+            self._wake_async(None)
+
+    def _wake_async(self, runs: list[tuple[int, int]] | None) -> None:
+        """(Holding cv.) Wake asyncio waiters of seqs in ``runs`` (None: all of them)."""
+        woken = [s for s in self._async_waiters
+                 if runs is None or any(a <= s <= b for a, b in runs)]
+        for seq in woken:
+            for loop, fut in self._async_waiters.pop(seq):
+                try:
+                    loop.call_soon_threadsafe(_set_done, fut)
+                except RuntimeError:  # that loop is closed: nobody is waiting any more
+                    pass
 
     # -------------------------------------------------------------- asking
 
@@ -130,28 +175,75 @@ class Progress:
         with self.cv:
             return self.is_complete(seq)
 
-    def wait_seq(self, seq: int, timeout: float | None) -> None:
-        """Block until ``seq`` is delivered; raise DeadLettered, TimeoutError or Closed."""
+    def wait_seq(self, seq: int, timeout: float | None) -> Any:
+        """Block until ``seq`` is delivered and return its result (None if the sink gave none).
+
+        Raises DeadLettered, TimeoutError, Closed, or ResultDropped. The result is
+        handed out once: the caller keeps it (``Receipt`` does).
+        """
         end = None if timeout is None else time.monotonic() + timeout
         with self.cv:
             while not self.is_complete(seq):
-                if self.fatal is not None:
-                    raise self.fatal
-                if self.exited.is_set():
-                    raise Closed(f"the batcher closed before seq {seq} was delivered; "
-                                 "it stays in the log for the next open")
+                self._check_waitable(seq)
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"seq {seq} not delivered within {timeout}s"
                                        + (f"; last sink error: {self.last_error}"
                                           if self.last_error else ""))
                 self.cv.wait(left if left is None else min(left, 0.5))
+        return self._outcome(seq)
+
+    async def await_seq(self, seq: int) -> Any:
+        """``wait_seq`` for asyncio, without a thread or polling; cancelling only stops the wait."""
+        loop = asyncio.get_running_loop()
+        with self.cv:
+            if not self.is_complete(seq):
+                self._check_waitable(seq)
+                fut: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.setdefault(seq, []).append((loop, fut))
+            else:
+                fut = None  # type: ignore[assignment]
+        if fut is not None:
+            try:
+                await fut
+            finally:
+                if not fut.done():  # cancelled: forget this waiter (the item is unaffected)
+                    with self.cv:
+                        waiters = self._async_waiters.get(seq, [])
+                        if (loop, fut) in waiters:
+                            waiters.remove((loop, fut))
+                        if not waiters:
+                            self._async_waiters.pop(seq, None)
+            with self.cv:
+                if not self.is_complete(seq):
+                    self._check_waitable(seq)
+                    raise Closed(f"the batcher closed before seq {seq} was delivered")
+        return self._outcome(seq)
+
+    def _check_waitable(self, seq: int) -> None:
+        """(Holding cv.) Raise why ``seq`` will never complete in this process, if it will not."""
+        if self.fatal is not None:
+            raise self.fatal
+        if self.exited.is_set():
+            raise Closed(f"the batcher closed before seq {seq} was delivered; "
+                         "it stays in the log for the next open")
+
+    def _outcome(self, seq: int) -> Any:
+        """A complete seq's result, or DeadLettered / ResultDropped."""
+        with self.cv:
             err = self.dead_seqs.get(seq)
             overflow = err is None and len(self.dead_seqs) >= MAX_REMEMBERED_DEAD
-        if overflow:  # past what memory keeps: the store knows
+            result = self.results.pop(seq, _NO_RESULT) if err is None else _NO_RESULT
+            dropped = seq <= self._results_dropped_through
+        if overflow and result is _NO_RESULT:  # past what memory keeps: the store knows
             err = self._dead_error(seq)
         if err is not None:
             raise DeadLettered(seq, err)
+        if result is _NO_RESULT:
+            if dropped:
+                raise ResultDropped(seq)
+            return None
+        return result
 
     def flush(self, target: int, timeout: float | None) -> None:
         """Block until everything through ``target`` is checkpointed."""
@@ -280,3 +372,9 @@ def runs_of(seqs: Iterable[int]) -> list[tuple[int, int]]:
         else:
             out.append((s, s))
     return out
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+

@@ -90,15 +90,19 @@ class SinkCaller:
         On return the batch's records are complete in ``Progress``, unless the
         shutdown deadline passed first: then they stay in the log.
         """
+        results: dict[int, Any] = {}
         try:
-            done = self._deliver(closed)
+            dead = self._deliver(closed, results)
         except _Abandoned:
             return
-        if done is not None:
-            self.progress.complete_records(closed.items, done)
+        if dead is not None:
+            self.progress.complete_records(closed.items, dead, results)
 
-    def _deliver(self, closed: ClosedBatch[Record]) -> dict[int, str] | None:
-        """The dead seqs and their errors once the batch is done; None if given up."""
+    def _deliver(self, closed: ClosedBatch[Record], results: dict[int, Any]) -> dict[int, str] | None:
+        """The dead seqs and their errors once the batch is done; None if given up.
+
+        The sink's per-item values (neither None nor an exception) go to ``results``.
+        """
         records = closed.items
         first, last = records[0].seq, records[-1].seq
         key = closed.key
@@ -125,7 +129,7 @@ class SinkCaller:
             t0 = time.monotonic()
             try:
                 outcomes = self.sink.write(batch)
-                failed = _check_outcomes(batch, outcomes)
+                failed = _check_outcomes(batch, outcomes, results)
             except BaseException as ex:
                 # SystemExit, KeyboardInterrupt or GeneratorExit raised *by the sink* on
                 # this thread are its failures too: letting them through ended delivery
@@ -256,8 +260,13 @@ class SinkCaller:
         return {r.seq: text for r in records}
 
 
-def _check_outcomes(batch: Batch, outcomes: Any) -> list[tuple[Record, BaseException]]:
-    """The records a sink's per-item outcomes refused, with their errors."""
+def _check_outcomes(batch: Batch, outcomes: Any,
+                    results: dict[int, Any]) -> list[tuple[Record, BaseException]]:
+    """The records a sink's per-item outcomes refused, with their errors.
+
+    An outcome that is neither None nor an exception is that item's result (e.g.
+    the id an ``INSERT ... RETURNING`` gave it): it goes to ``results`` by seq.
+    """
     if outcomes is None:
         return []
     try:
@@ -269,11 +278,13 @@ def _check_outcomes(batch: Batch, outcomes: Any) -> list[tuple[Record, BaseExcep
         raise TypeError(f"sink.write returned {len(outcomes)} outcomes for a batch of "
                         f"{len(batch)} records")
     failed = []
+    values = {}
     for rec, out in zip(batch, outcomes, strict=True):
         if out is None:
             continue
-        if not isinstance(out, BaseException):
-            raise TypeError(f"sink outcome for seq {rec.seq} is {type(out).__name__}; "
-                            "expected None or an exception")
-        failed.append((rec, out))
+        if isinstance(out, BaseException):
+            failed.append((rec, out))
+        else:
+            values[rec.seq] = out
+    results.update(values)  # only once the whole list is known to be well formed
     return failed
