@@ -24,10 +24,12 @@ from .errors import (
 )
 from .options import Options
 from .record import Batch, Record
+from .sinks.apply import ApplySink
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplySink",
     "AsyncClient",
     "Batch",
     "Client",

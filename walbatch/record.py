@@ -28,13 +28,17 @@ class Batch(list):  # type: ignore[type-arg]
     ``combine`` hook some of them were merged away and are not in the list, but
     they are delivered with it, so a sink that derives an idempotency key from a
     batch should use this range. ``coalesced`` counts the merged-away records.
+    ``covers`` lists the runs ``(first, last)`` of exactly the seqs the batch
+    stands for (a keyed batch's seqs interleave with other keys'); empty when
+    they are simply the records' own seqs.
     """
 
-    __slots__ = ("log_id", "reason", "attempt", "key", "first_seq", "last_seq", "coalesced")
+    __slots__ = ("log_id", "reason", "attempt", "key", "first_seq", "last_seq", "coalesced",
+                 "covers")
 
     def __init__(self, records: list[Record], log_id: str, reason: str, attempt: int = 1,
                  key: Any = None, first_seq: int | None = None, last_seq: int | None = None,
-                 coalesced: int = 0) -> None:
+                 coalesced: int = 0, covers: list[tuple[int, int]] | None = None) -> None:
         super().__init__(records)
         self.log_id = log_id
         self.reason = reason
@@ -43,3 +47,4 @@ class Batch(list):  # type: ignore[type-arg]
         self.first_seq = first_seq if first_seq is not None else (records[0].seq if records else 0)
         self.last_seq = last_seq if last_seq is not None else (records[-1].seq if records else 0)
         self.coalesced = coalesced
+        self.covers = covers or []

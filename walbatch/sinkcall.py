@@ -25,7 +25,7 @@ from .breaker import CircuitBreaker
 from .dlq import DeadLetterStore
 from .errors import SinkError
 from .options import Options
-from .progress import Progress
+from .progress import Progress, runs_of
 from .record import Batch, Record
 
 log = logging.getLogger("walbatch")
@@ -110,20 +110,42 @@ class SinkCaller:
         attempt = 1
         todo = records
         coalesced = 0
+        applied = getattr(self.sink, "applied", None)
+        if callable(applied):
+            # A sink that applies exactly once (ApplySink) says which records it already
+            # applied (a redelivery): they are complete, and must not reach combine.
+            while True:
+                try:
+                    done = applied(Batch(records, self.log_id, closed.reason, 1, key))
+                    break
+                except Exception as ex:  # e.g. its database is down: retried
+                    if not self._backoff(attempt, ex):
+                        return None
+                    attempt += 1
+            if done:
+                todo = [r for r in records if r.seq not in done]
+                if not todo:
+                    return {}
+            attempt = 1
+        covers = [] if len(todo) == todo[-1].seq - todo[0].seq + 1 else runs_of(r.seq for r in todo)
         if self.opts.combine is not None:
             while True:
                 try:
-                    todo = self._combine(closed)
+                    kept = self._combine(closed, todo)
                     break
                 except Exception as ex:  # a bug in the hook: loud, retried, nothing dropped
                     if not self._backoff(attempt, ex):
                         return None
                     attempt += 1
-            coalesced = len(records) - len(todo)
+            coalesced = len(todo) - len(kept)
+            if coalesced:
+                covers = covers or [(todo[0].seq, todo[-1].seq)]
+            todo = kept
             attempt = 1
         dead: dict[int, str] = {}
         while todo:
-            batch = Batch(todo, self.log_id, closed.reason, attempt, key, first, last, coalesced)
+            batch = Batch(todo, self.log_id, closed.reason, attempt, key, first, last, coalesced,
+                          covers)
             if not self._breaker_allows():
                 return None  # shutdown deadline while the circuit was open: stays in the log
             t0 = time.monotonic()
@@ -157,17 +179,18 @@ class SinkCaller:
                     key=lambda ex: getattr(ex, "retry_after", None) or 0.0)):
                 return None
             todo = retry
+            covers = []  # a retry stands for its own records only
             attempt += 1
         if coalesced:
             self.progress.add_coalesced(coalesced)
         return dead
 
-    def _combine(self, closed: ClosedBatch[Record]) -> list[Record]:
+    def _combine(self, closed: ClosedBatch[Record], records: list[Record]) -> list[Record]:
         """Run the combine hook; check it only dropped records or changed items."""
         assert self.opts.combine is not None
-        batch = Batch(closed.items, self.log_id, closed.reason, 1, closed.key)
+        batch = Batch(records, self.log_id, closed.reason, 1, closed.key)
         kept = list(self.opts.combine(batch))
-        seqs = {r.seq for r in closed.items}
+        seqs = {r.seq for r in records}
         seen: set[int] = set()
         for r in kept:
             if not isinstance(r, Record):
