@@ -14,10 +14,7 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +31,6 @@ from .keys import Keyed, check_key
 from .log import Log
 from .options import MAX_SECONDS, Options
 
-_DEMO_MARKER = ".walbatch-demo"
 EXIT_DEAD_LETTERED = 4  # replay finished, but some items went to the dead letters
 
 
@@ -865,99 +861,17 @@ def demo(directory: str, items: int, threads: int, child: bool) -> None:
     Example:
         walbatch demo --items 50000
     """
-    log_dir = os.path.join(directory, "log")
-    db_path = os.path.join(directory, "demo.db")
-    sink = f"sqlite:///{os.path.abspath(db_path)}?table=events"
+    from . import demo as demos
+
     if child:
-        _demo_child(log_dir, sink, os.path.join(directory, "acks"), items, threads)
+        demos.child(directory, items, threads)
         return
-    if os.path.exists(directory):
-        if not os.path.exists(os.path.join(directory, _DEMO_MARKER)):
-            raise click.ClickException(
-                f"{directory} exists and was not made by walbatch demo; pick another --dir")
-        shutil.rmtree(directory)
-    os.makedirs(directory)
-    open(os.path.join(directory, _DEMO_MARKER), "w").close()
-    acks_path = os.path.join(directory, "acks")
-
-    click.echo(f"1. writer: submitting up to {items:,} items from {threads} threads "
-               f"(sink: SQLite {db_path})")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "walbatch", "demo", "--child", "--dir", directory,
-         "--items", str(items), "--threads", str(threads)],
-    )
-    target = items // 2
-    deadline = time.monotonic() + 120
-    while _count_lines(acks_path) < target and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    acked = _read_acks(acks_path)
-    click.echo(f"2. kill -9 after {len(acked):,} acknowledged items")
-
-    t0 = time.monotonic()
-    with DurableBatcher(log_dir, sink) as b:
-        backlog = b.stats().pending
-        b.flush(timeout=120)
-        stats = b.stats()
-    click.echo(f"3. restarted: replayed a backlog of {backlog:,} items in "
-               f"{time.monotonic() - t0:.2f}s")
-
-    conn = sqlite3.connect(db_path)
-    rows = dict(conn.execute("SELECT id, COUNT(*) FROM events GROUP BY id"))
-    conn.close()
-    missing = [i for i in acked if i not in rows]
-    duplicated = [i for i, n in rows.items() if n > 1]
-    extra = len(set(rows) - set(acked))
-    click.echo(f"4. in SQLite: {len(rows):,} distinct items, {sum(rows.values()):,} rows")
-    click.echo(f"   acknowledged but missing: {len(missing)}")
-    click.echo(f"   duplicated:               {len(duplicated)}")
-    if extra:
-        click.echo(f"   delivered but not yet recorded by the writer when it died: {extra} "
-                   "(acknowledged in its last instant)")
-    click.echo(f"   stats: submitted={stats.submitted:,} delivered={stats.delivered:,} "
-               f"dead_lettered={stats.dead_lettered} pending={stats.pending} "
-               f"fsyncs={stats.fsyncs}")
-    if missing or duplicated:
+    try:
+        ok = demos.run(directory, items, threads, say=click.echo)
+    except demos.NotADemoDirectory as ex:
+        raise click.ClickException(str(ex)) from None
+    if not ok:
         raise click.ClickException("the demo found lost or duplicated items: please report this")
-    click.echo("OK: every acknowledged item landed exactly once.")
-
-
-def _demo_child(log_dir: str, sink: str, acks_path: str, items: int, threads: int) -> None:
-    lock = threading.Lock()
-    acks = open(acks_path, "a", buffering=1)
-    per_thread = items // threads
-
-    with DurableBatcher(log_dir, sink, max_delay=0.05) as b:
-        def work(t: int) -> None:
-            for k in range(per_thread):
-                item_id = t * per_thread + k
-                b.submit({"id": item_id, "thread": t, "payload": f"event {item_id}"})
-                with lock:  # the item is durable now; record it before counting it
-                    acks.write(f"{item_id}\n")
-
-        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-
-
-def _count_lines(path: str) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-    except FileNotFoundError:
-        return 0
-
-
-def _read_acks(path: str) -> list[int]:
-    try:
-        with open(path) as f:
-            return [int(line) for line in f if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
 
 
 def _show_envvars(group: click.Group) -> None:
