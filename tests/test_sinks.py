@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 
+import msgpack
 import pytest
 from helpers import WAIT
 
@@ -154,7 +155,9 @@ def test_sqlite_sink_columns_never_convert_what_is_stored(tmp_path):
     # turned "007" into 7: affinity. The column is a view; the item is what is stored.
     db = tmp_path / "out.db"
     items = [{"x": "x"}, {"x": 5}, {"x": "007"}, {"x": 1.0}, {"x": True}, {"x": b"\x01"},
-             {"x": [1]}, {"x": "[1]"}, {"x": None}, {}, {"x": float("nan")}, {"x": -0.0}]
+             {"x": [1]}, {"x": "[1]"}, {"x": None}, {}, {"x": float("nan")}, {"x": -0.0},
+             [b"\x01"], ["01"], msgpack.ExtType(1, b"x"), [1, b"x"], {1: "a", "1": "b"},
+             {True: 1, None: 2}, {"true": 1, "null": 2}]
     sink = SQLiteSink(str(db))
     try:
         assert sink.write(batch(*items)) is None
@@ -251,14 +254,14 @@ def read_lines(path) -> list[dict]:
 def test_file_sink_writes_json_lines_with_identity(tmp_path):
     out = tmp_path / "out.jsonl"
     items = [{"a": 1}, "two", b"\x00\xff", [b"x"], {1: "a", "1": "b"}, float("nan"),
-             {"$base64": "AP8="}]
+             {"$base64": "AP8="}, msgpack.ExtType(1, b"x"), [1, b"x"], -0.0]
     sink = FileSink(str(out))
     try:
         assert sink.write(batch(*items)) == [None] * len(items)
     finally:
         sink.close()
     lines = read_lines(out)
-    assert [(d["log_id"], d["seq"]) for d in lines] == [(LOG_ID, s) for s in range(1, 8)]
+    assert [(d["log_id"], d["seq"]) for d in lines] == [(LOG_ID, s) for s in range(1, 11)]
     assert lines[0]["item"] == {"a": 1} and lines[1]["item"] == "two"
     assert base64.b64decode(lines[2]["item"]["$base64"]) == b"\x00\xff"
     assert base64.b64decode(lines[3]["item"][0]["$base64"]) == b"x"

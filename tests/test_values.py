@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import re
 import struct
 
@@ -18,8 +17,6 @@ from walbatch import values
 from walbatch.codec import unpack_one
 from walbatch.keys import KEY_EXT
 from walbatch.values import check, dumps, encode, equal, loads
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def slow(value: object) -> str:
@@ -202,6 +199,20 @@ def test_check_passes_every_value_the_log_holds(item):
     check(item)
 
 
+@pytest.mark.parametrize("item", [deep_list(values.MSGPACK_DEPTH + 1),
+                                  {"e": [msgpack.ExtType(KEY_EXT, b"")]},
+                                  {"e": msgpack.ExtType(KEY_EXT, b"x" * 300)},
+                                  msgpack.ExtType(KEY_EXT, b"x" * 70000)])
+def test_needs_check_flags_every_packed_value_check_refuses(item):
+    assert values.needs_check(msgpack.packb(item))
+    with pytest.raises(ValueError):
+        check(item)
+
+
+def test_needs_check_passes_small_plain_items_without_a_walk():
+    assert not values.needs_check(msgpack.packb({"user_id": 1, "action": "login", "ts": 1.5}))
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(st.one_of(st.integers(), st.text(alphabet=st.characters(codec=None)), st.none()))
 def test_check_passes_exactly_what_msgpack_packs(value):
@@ -224,14 +235,3 @@ def test_equal_is_strict_about_what_a_value_is():
     assert not equal({1: 0}, {"1": 0}) and not equal({1: 0}, {True: 0})
     assert equal({1: 0, "a": 1}, {"a": 1, 1: 0})
     assert not equal(b"a", "a")
-
-
-# ------------------------------------------------------------------- the docs
-
-
-def test_the_python_examples_in_docs_values_run():
-    text = (ROOT / "docs" / "values.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, "docs/values.md", "exec"), {})
