@@ -37,6 +37,7 @@ first line, that suffix is cut into the very same requests (same bytes, same key
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.client
 import os
@@ -53,7 +54,7 @@ from urllib.parse import unquote, unquote_plus, urlencode, urlsplit
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch, Record
-from ..values import encode
+from ..values import dumps, encode
 from .base import require
 from .urls import URLOptions
 
@@ -81,10 +82,15 @@ CONTENT_STATUSES = frozenset({400, 413, 422})
 
 def encode_line(log_id: str, rec: Record, envelope: bool = True) -> bytes:
     """One NDJSON line, UTF-8, with its newline."""
-    body = encode(rec.item)
     if envelope:
-        return b'{"log_id":' + encode(log_id) + b',"seq":%d,"item":%s}\n' % (rec.seq, body)
-    return body + b"\n"
+        return (b'{"log_id":%s,"seq":%d,"item":%s}\n'
+                % (_quoted_id(log_id), rec.seq, dumps(rec.item).encode()))
+    return dumps(rec.item).encode() + b"\n"
+
+
+@functools.lru_cache(maxsize=64)
+def _quoted_id(log_id: str) -> bytes:
+    return encode(log_id)
 
 
 def idempotency_key(log_id: str, seqs: list[int]) -> str:
