@@ -22,6 +22,7 @@ database's message, so it goes to the dead letters by itself.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from .urls import URLOptions
 
 KEY_COLUMNS = ("_log_id", "_seq")
 MODES = ("jsonb", "columns")
-OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool")
+OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool", "upsert")
 STAGE = "_walbatch_stage"
 # Item-level SQLSTATE classes: data exception, integrity constraint violation,
 # WITH CHECK OPTION violation (a view), program limit exceeded (e.g. an index row
@@ -95,7 +96,8 @@ class PostgreSQLSink:
     def __init__(self, conninfo: str, *, table: str = "items",
                  columns: str | Sequence[str | Column] | Mapping[str, str] | None = None,
                  mode: str | None = None, item_column: str = "item", rest: str | None = None,
-                 create: bool = False, pool: int = 4) -> None:
+                 create: bool = False, pool: int = 4,
+                 upsert: str | Sequence[str] | None = None) -> None:
         self._psycopg = require("psycopg", "postgresql", "PostgreSQL")
         from psycopg import sql
         from psycopg.conninfo import conninfo_to_dict
@@ -115,6 +117,7 @@ class PostgreSQLSink:
             raise ValueError(f"bad table {table!r}: expected NAME or SCHEMA.NAME")
         self.table = table
         self._table = sql.Identifier(*parts)
+        self._table_name = parts[-1]
 
         if isinstance(columns, str):
             cols = parse_columns(columns)
@@ -158,6 +161,16 @@ class PostgreSQLSink:
                     + (f" (no type for {', '.join(untyped)})" if untyped else ""))
         if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
             raise ValueError(f"pool must be a positive integer, not {pool!r}")
+        keys = tuple(k.strip() for k in upsert.split(",")) if isinstance(upsert, str) else \
+            tuple(upsert or ())
+        if any(not k for k in keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"bad upsert {upsert!r}: expected COLUMN[,COLUMN] (each once)")
+        if keys and mode == "columns" and cols is not None:
+            unknown = [k for k in keys if k not in {c.name for c in cols}]
+            if unknown:
+                raise ValueError(f"upsert column {unknown[0]!r} is not one of columns= "
+                                 f"({', '.join(c.name for c in cols)})")
+        self.upsert = keys
         self.mode = mode
         self.columns = cols
         self.item_column = item_column
@@ -185,7 +198,7 @@ class PostgreSQLSink:
             # key or the constraint fails the COPY, nothing of it stays, and the
             # careful path below runs. Retries and replays, which are likely to
             # overlap what is stored, take the careful path at once.
-            direct = batch.attempt == 1 and batch.reason != "replay"
+            direct = batch.attempt == 1 and batch.reason != "replay" and not self.upsert
             if rows and direct:
                 try:
                     with session.conn.transaction():
@@ -339,14 +352,57 @@ class _Session:
             table=sink._table, names=names)
         self.stage_sql = sql.SQL("COPY {stage} ({names}) FROM STDIN").format(
             stage=stage, names=names)
-        conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
-            keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
+        self.key_fields: list[str] = []
+        self.key_json = False
+        if not sink.upsert:
+            conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
+                keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
+            select = sql.SQL("SELECT {names} FROM moved").format(names=names)
+        else:
+            keys = self._upsert_keys(sink, plan)
+            if sink.create:
+                digest = hashlib.blake2b("\0".join(sink.upsert).encode(), digest_size=4).hexdigest()
+                self.cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {name} ON {table} "
+                                         "({keys})").format(
+                    name=sql.Identifier(f"{sink._table_name[:40]}_upsert_{digest}"),
+                    table=sink._table, keys=keys))
+            # One row per key: DISTINCT ON keeps a batch's last record per key (one
+            # statement may not update a row twice); a stored row is replaced unless it
+            # holds a later record of the same log, so a redelivered older item never
+            # overwrites a newer one. Seqs of different logs say nothing about order.
+            select = sql.SQL("SELECT DISTINCT ON ({keys}) {names} FROM moved "
+                             "ORDER BY {keys}, _seq DESC").format(keys=keys, names=names)
+            conflict = sql.SQL(
+                "ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {table}._log_id <> "
+                "EXCLUDED._log_id OR {table}._seq < EXCLUDED._seq").format(
+                    keys=keys, table=sink._table, sets=sql.SQL(", ").join(
+                        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(n)) for n in wanted))
         # Several chunks may share one transaction: each takes its rows out of the
         # staging table, or the next chunk would insert them again.
         self.move_sql = sql.SQL(
             "WITH moved AS (DELETE FROM {stage} RETURNING {names}) "
-            "INSERT INTO {table} ({names}) SELECT {names} FROM moved {conflict}").format(
-                table=sink._table, names=names, stage=stage, conflict=conflict)
+            "INSERT INTO {table} ({names}) {select} {conflict}").format(
+                table=sink._table, names=names, stage=stage, select=select, conflict=conflict)
+
+    def _upsert_keys(self, sink: PostgreSQLSink, plan: list[tuple[str, str | None, str]]) -> Any:
+        """The key expressions, and the item fields that must hold the key (key_fields)."""
+        from psycopg import sql
+
+        if sink.mode == "jsonb":
+            self.key_fields = list(sink.upsert)
+            self.key_json = True
+            return sql.SQL(", ").join(
+                sql.SQL("({} -> {})").format(sql.Identifier(sink.item_column),
+                                             sql.Literal("$" + k if k.startswith("$") else k))
+                for k in sink.upsert)
+        fields = {name: field for name, field, _ in plan if field is not None}
+        missing = [k for k in sink.upsert if k not in fields]
+        if missing:
+            raise SinkError(f"upsert column {missing[0]!r} is not a column the sink writes "
+                            f"({', '.join(fields)})")
+        self.key_fields = [fields[k] for k in sink.upsert]
+        self.key_json = False
+        return sql.SQL(", ").join(sql.Identifier(k) for k in sink.upsert)
 
     def _create_table(self, sink: PostgreSQLSink) -> None:
         from psycopg import sql
@@ -397,6 +453,19 @@ class _Session:
 
     def rows(self, batch: Batch) -> tuple[list[tuple[int, tuple]], list[BaseException | None]]:
         """``(index, row)`` for every record that converts, and the outcomes so far."""
+        rows, outcomes = self._rows(batch)
+        if self.key_fields:
+            keep = []
+            for i, row in rows:
+                problem = _key_problem(batch[i].item, self.key_fields, self.key_json)
+                if problem is None:
+                    keep.append((i, row))
+                else:
+                    outcomes[i] = PermanentSinkError(f"seq {batch[i].seq}: {problem}")
+            rows = keep
+        return rows, outcomes
+
+    def _rows(self, batch: Batch) -> tuple[list[tuple[int, tuple]], list[BaseException | None]]:
         log_id = batch.log_id
         outcomes: list[BaseException | None] = [None] * len(batch)
         rows: list[tuple[int, tuple]] = []
@@ -501,6 +570,21 @@ def _check_array(values: list[Any], field: str, typname: str) -> None:
                             f"the array type {typname}")
 
 
+def _key_problem(item: Any, fields: list[str], json_key: bool) -> str | None:
+    """Why this item has no upsert key, or None. NULL keys never conflict (a row each)."""
+    if type(item) is not dict or (json_key and not all(type(k) is str for k in item)):
+        return f"upsert={','.join(fields)} needs a dict item" + (" with str keys" if json_key else "")
+    for f in fields:
+        v = item.get(f)
+        if v is None:
+            return f"the upsert key {f!r} is missing or None"
+        # In jsonb, true is not 1 but 1.0 is, and a container's JSON could equal
+        # another's: keys are str or int, so that different keys never share a row.
+        if json_key and not (type(v) is str or type(v) is int):
+            return f"the upsert key {f!r} is {v!r}: in mode=jsonb a key must be a str or an int"
+    return None
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -538,8 +622,9 @@ def _item_message(ex: BaseException) -> str:
 
 def _hint(ex: BaseException) -> str:
     if getattr(ex, "sqlstate", None) == "42P10":
-        return (" (the table needs a primary key or unique index on (_log_id, _seq): "
-                "walbatch relies on it to drop redelivered records)")
+        return (" (the table needs a unique index on (_log_id, _seq), which walbatch relies on "
+                "to drop redelivered records, and with upsert= one on the upsert key: create=1 "
+                "makes it)")
     return ""
 
 
@@ -584,4 +669,5 @@ def from_url(url: str) -> PostgreSQLSink:
     return PostgreSQLSink(conninfo, table=options.text("table", "items") or "items",
                           columns=options.text("columns"), mode=options.text("mode"),
                           item_column=options.text("item_column", "item") or "item",
-                          rest=options.text("rest"), create=create, pool=pool)
+                          rest=options.text("rest"), create=create, pool=pool,
+                          upsert=options.text("upsert"))

@@ -16,7 +16,10 @@ A field whose name SQLite cannot carry as such a column (it holds a quote, backs
 or control character, equals another column's name but for ASCII case, is a row id
 alias, or comes after the first 1000 columns) gets none; it is in ``item`` all the same.
 
-A redelivered record is dropped by the key (``ON CONFLICT DO NOTHING``). Each batch
+A redelivered record is dropped by the key (``ON CONFLICT DO NOTHING``). With
+``upsert=FIELD[,FIELD]`` the table keeps one row per value of those fields instead:
+a record replaces its key's row unless the row holds a later record of the same log
+(docs/sinks.md). Each batch
 is one transaction, committed with ``synchronous=FULL`` before write returns. An item
 the value mapping refuses, or a row SQLite refuses (a trigger, a CHECK, too big), is
 dead-lettered alone; errors about the database (locked, I/O, disk full) fail the
@@ -25,9 +28,11 @@ batch, which is retried.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -60,9 +65,16 @@ def _quoted(name: str) -> str:
 class SQLiteSink:
     """Writes batches to one SQLite table; thread-safe (one connection, one write at a time)."""
 
-    def __init__(self, path: str, table: str = "items") -> None:
+    def __init__(self, path: str, table: str = "items", upsert: Sequence[str] | None = None) -> None:
         if not table or "\0" in table:
             raise ValueError(f"SQLite sink: bad table name {table!r}")
+        self.upsert = tuple(upsert or ())
+        for field in self.upsert:
+            if not _path_safe(field):
+                raise ValueError(f"SQLite sink: upsert field {field!r} must be a non-empty name "
+                                 "without quotes, backslashes or control characters")
+        if len(set(self.upsert)) != len(self.upsert):
+            raise ValueError(f"SQLite sink: upsert names a field twice: {', '.join(self.upsert)}")
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(parent):
@@ -77,6 +89,12 @@ class SQLiteSink:
             self._conn.execute("PRAGMA busy_timeout=10000")
             self._create()
             self._columns = self._read_columns()
+            self._insert = self._insert_sql()
+            self._conn.execute("EXPLAIN " + self._insert, ("", 0, "null"))  # the index matches
+        except sqlite3.IntegrityError as ex:
+            self._conn.close()
+            raise ValueError(f"SQLite sink: table {table!r} in {path} holds several rows per "
+                             f"upsert key ({', '.join(self.upsert)}): {ex}") from None
         except BaseException:
             self._conn.close()
             raise
@@ -84,13 +102,34 @@ class SQLiteSink:
         # ever new field names must not grow it without bound), then rebuilt.
         self._seen: set[Any] = set()
         self._lock = threading.Lock()
-        self._insert = (f"INSERT INTO {_quoted(table)} ({', '.join(KEY)}, {ITEM}) VALUES (?, ?, ?) "
-                        f"ON CONFLICT ({', '.join(KEY)}) DO NOTHING")
 
     def _create(self) -> None:
         self._conn.execute(
             f"CREATE TABLE IF NOT EXISTS {_quoted(self.table)} (_log_id TEXT NOT NULL, "
             f"_seq INTEGER NOT NULL, {ITEM} TEXT NOT NULL, PRIMARY KEY (_log_id, _seq))")
+        if self.upsert:
+            # Named after the key, so another key's index is never taken for this one.
+            digest = hashlib.blake2b("\0".join(self.upsert).encode(), digest_size=4).hexdigest()
+            self._conn.execute(
+                f"CREATE UNIQUE INDEX IF NOT EXISTS {_quoted(f'{self.table}_upsert_{digest}')} "
+                f"ON {_quoted(self.table)} ({self._key_exprs()})")
+
+    def _key_exprs(self) -> str:
+        return ", ".join(_extract(field) for field in self.upsert)
+
+    def _insert_sql(self) -> str:
+        insert = (f"INSERT INTO {_quoted(self.table)} ({', '.join(KEY)}, {ITEM}) VALUES (?, ?, ?) ")
+        if not self.upsert:
+            return insert + f"ON CONFLICT ({', '.join(KEY)}) DO NOTHING"
+        # One row per key: a record replaces the row unless the row holds a later record
+        # of the same log (a redelivered older item never overwrites a newer one). Seqs of
+        # different logs say nothing about order: a record of another log replaces it.
+        t = _quoted(self.table)
+        return insert + (
+            f"ON CONFLICT ({self._key_exprs()}) DO UPDATE SET _log_id = excluded._log_id, "
+            f"_seq = excluded._seq, {ITEM} = excluded.{ITEM} "
+            f"WHERE excluded._log_id <> {t}._log_id OR excluded._seq > {t}._seq "
+            "ON CONFLICT DO NOTHING")
 
     def _read_columns(self) -> set[str]:
         """The table's column names (folded), after checking it is a table this sink writes."""
@@ -121,9 +160,12 @@ class SQLiteSink:
         log_id = batch.log_id
         seen = self._seen
         fields: set[Any] = set()
+        upsert = self.upsert
         for i, r in enumerate(batch):
             item = r.item
             try:
+                if upsert:
+                    _check_key(item, upsert)
                 rows.append((i, (log_id, r.seq, dumps(item))))
             except (TypeError, ValueError) as ex:
                 outcomes[i] = PermanentSinkError(f"seq {r.seq}: the SQLite sink cannot store the "
@@ -169,17 +211,13 @@ class SQLiteSink:
         self._columns = self._read_columns()  # another writer may have added some
         for name in sorted(f for f in fields if isinstance(f, str)):
             folded = _folded(name)
-            if (folded in self._columns or folded in _ROW_ID_NAMES or not name
-                    or len(self._columns) >= MAX_COLUMNS
-                    or any(c in name for c in '"\\') or not name.isprintable()):
+            if (folded in self._columns or folded in _ROW_ID_NAMES
+                    or len(self._columns) >= MAX_COLUMNS or not _path_safe(name)):
                 continue
-            member = "$" + name if name.startswith("$") else name  # as values.dumps writes it
-            path = "$." + '"' + member + '"'
             try:
                 self._conn.execute(
                     f"ALTER TABLE {_quoted(self.table)} ADD COLUMN {_quoted(name)} GENERATED "
-                    f"ALWAYS AS (json_extract({ITEM}, '{path.replace(chr(39), chr(39) * 2)}')) "
-                    "VIRTUAL")
+                    f"ALWAYS AS ({_extract(name)}) VIRTUAL")
             except sqlite3.Error as ex:
                 if getattr(ex, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
                     raise
@@ -191,6 +229,33 @@ class SQLiteSink:
 
     def __repr__(self) -> str:
         return f"SQLiteSink({self.path!r}, table={self.table!r})"
+
+
+def _path_safe(name: str) -> bool:
+    """Can json_extract name this member? (SQLite's JSON path has no escapes.)"""
+    return bool(name) and name.isprintable() and not any(c in name for c in '"\\')
+
+
+def _extract(name: str) -> str:
+    """SQL for the value of the top-level field ``name`` of the item."""
+    member = "$" + name if name.startswith("$") else name  # as values.dumps writes it
+    path = '$."' + member + '"'
+    return f"json_extract({ITEM}, '{path.replace(chr(39), chr(39) * 2)}')"
+
+
+def _check_key(item: Any, fields: tuple[str, ...]) -> None:
+    """An upsert key must be there and be a str or an int SQLite holds exactly."""
+    if type(item) is not dict or not all(type(k) is str for k in item):
+        raise ValueError(f"upsert={','.join(fields)} needs a dict item with str keys")
+    for f in fields:
+        if f not in item:
+            raise ValueError(f"the upsert key {f!r} is missing")
+        v = item[f]
+        # Not bool (true is 1 to SQLite), float (1.0 is 1) or a container (its JSON
+        # text would equal a str): keys that are not equal would share a row.
+        if not (type(v) is str or (type(v) is int and -(1 << 63) <= v < (1 << 63))):
+            raise ValueError(f"the upsert key {f!r} is {v!r}: a key must be a str or an int "
+                             "from -2**63 to 2**63-1")
 
 
 def _row_level(ex: BaseException) -> bool:
@@ -214,6 +279,8 @@ def path_of(url: str) -> str:
 
 
 def from_url(url: str) -> SQLiteSink:
-    """``sqlite:///relative.db?table=NAME`` or ``sqlite:////absolute/path.db``."""
-    options = URLOptions(url, "SQLite", ("table",))
-    return SQLiteSink(path_of(url), table=options.text("table", "items") or "items")
+    """``sqlite:///relative.db?table=NAME&upsert=FIELD[,FIELD]`` or ``sqlite:////abs/path.db``."""
+    options = URLOptions(url, "SQLite", ("table", "upsert"))
+    upsert = options.text("upsert")
+    return SQLiteSink(path_of(url), table=options.text("table", "items") or "items",
+                      upsert=upsert.split(",") if upsert else None)
