@@ -128,9 +128,9 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
 def db_items(d: Daemon) -> dict[int, Any]:
     conn = sqlite3.connect(d.data_dir / "walbatch.db")
     try:
-        cols = [r[1] for r in conn.execute("PRAGMA table_info(items)")]
-        return {row[cols.index("_seq")]: dict(zip(cols, row, strict=True))
-                for row in conn.execute("SELECT * FROM items")}
+        cur = conn.execute("SELECT * FROM items")  # the fields are generated columns
+        cols = [d[0] for d in cur.description]
+        return {row[cols.index("_seq")]: dict(zip(cols, row, strict=True)) for row in cur}
     finally:
         conn.close()
 

@@ -398,8 +398,9 @@ def test_submit_one_and_many_reach_sqlite(daemons):
         assert c.submit_many([]) == range(4, 4)
         assert c.submit("plain string") == 4
         c.flush(timeout=WAIT)
-    rows = db_rows(d.db, "_seq, user, item")
-    assert rows == [(1, 1, None), (2, 2, None), (3, 3, None), (4, None, '"plain string"')]
+    rows = db_rows(d.db, "_seq, user, item")  # item: the whole item as JSON (docs/values.md)
+    assert rows == [(1, 1, '{"user":1}'), (2, 2, '{"user":2}'), (3, 3, '{"user":3}'),
+                    (4, None, '"plain string"')]
     with Client(d.socket_path, timeout=WAIT) as c:
         log_id = c.stats()["log_id"]
     assert {r[0] for r in db_rows(d.db, "_log_id")} == {log_id}

@@ -24,7 +24,7 @@ from typing import Any
 import click
 import msgpack
 
-from . import __version__
+from . import __version__, values
 from .durable import DurableBatcher
 from .errors import LogLocked, WalbatchError, format_seqs
 from .keys import Keyed, check_key
@@ -281,29 +281,10 @@ def _socket_option(required: bool = False):  # type: ignore[no-untyped-def]
                         help="The daemon's socket [default: DATA_DIR/walbatch.sock].")
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, bytes):
-        import base64
-
-        return {"$base64": base64.b64encode(v).decode()}
-    return repr(v)
-
-
 def _dumps(v: Any) -> str:
-    try:
-        return json.dumps(v, default=_json_default, separators=(",", ":"), ensure_ascii=False)
-    except TypeError:  # a dict key JSON has no form for (a tuple): write it as JSON text
-        return json.dumps(_json_keys(v), default=_json_default, separators=(",", ":"),
-                          ensure_ascii=False)
-
-
-def _json_keys(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {(k if k is None or isinstance(k, (str, int, float)) else _dumps(k)): _json_keys(x)
-                for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_keys(x) for x in v]
-    return v
+    """One JSON line under walbatch's value mapping (docs/values.md): ``dump`` and ``dlq
+    list`` print an item as a JSON sink stores it, and ``values.loads`` reads it back."""
+    return values.dumps(v, "output")
 
 
 def _no_daemon(ex: BaseException) -> bool:

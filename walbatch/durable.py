@@ -30,7 +30,7 @@ from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
 from .keys import check_key, wrap, wrap_many
 from .log import Log
 from .options import Options
-from .sinks.base import resolve_sink
+from .sinks import resolve_sink
 
 log = logging.getLogger("walbatch")
 

@@ -20,7 +20,7 @@ from .delivery import Delivery, Stats
 from .errors import LogLocked
 from .log import Log
 from .options import Options
-from .sinks.base import resolve_sink
+from .sinks import resolve_sink
 
 log = logging.getLogger("walbatch")
 

@@ -33,11 +33,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
 from .base import isolate, require
+from .sqlite import path_of
+from .urls import URLOptions
 
 Apply = Callable[[Any, Batch], Sequence[Any] | None]
 """``apply(conn, batch)``: run your statements on ``conn``; return None or per-item outcomes."""
@@ -72,22 +74,26 @@ class ApplySink:
         self.url = url
         self.apply = apply
         parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        self.table = query.pop("progress_table", "walbatch_applied")
+        postgres = parts.scheme in ("postgresql", "postgres")
+        if parts.scheme != "sqlite" and not postgres:
+            raise ValueError(f"ApplySink takes a sqlite:///PATH or postgresql://... URL, not "
+                             f"{parts.scheme or url!r}")
+        # PostgreSQL's other parameters go to libpq as written (sslmode, ...).
+        options = URLOptions(url, "ApplySink", ("progress_table",),
+                             passthrough=(lambda name: True) if postgres else None)
+        self.table = options.text("progress_table", "walbatch_applied") or "walbatch_applied"
         if not _TABLE_NAME.match(self.table):
             raise ValueError(f"progress_table={self.table!r}: expected a plain SQL name "
                              "(letters, digits, _)")
-        if parts.scheme == "sqlite":
-            if query:
-                raise ValueError(f"ApplySink URL {parts.scheme}://...: unknown option(s) "
-                                 f"{', '.join(sorted(query))}; valid: progress_table")
-            self._db: _Database = _SQLite(_sqlite_path(url), self.table)
-        elif parts.scheme in ("postgresql", "postgres"):
-            conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query)))
-            self._db = _PostgreSQL(conninfo, self.table)
+        if postgres:
+            conninfo = urlunsplit(parts._replace(scheme="postgresql", query="&".join(options.others)))
+            self._db: _Database = _PostgreSQL(conninfo, self.table)
         else:
-            raise ValueError(f"ApplySink takes a sqlite:///PATH or postgresql://... URL, not "
-                             f"{parts.scheme or url!r}")
+            path = path_of(url)
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"ApplySink: directory {parent!r} does not exist; create it first")
+            self._db = _SQLite(path, self.table)
 
     def applied(self, batch: Batch) -> Container[int]:
         """The seqs of ``batch`` already applied (before a combine hook merges records)."""
@@ -101,18 +107,6 @@ class ApplySink:
 
     def __repr__(self) -> str:
         return f"ApplySink({self._db.describe()!r}, {getattr(self.apply, '__qualname__', self.apply)})"
-
-
-def _sqlite_path(url: str) -> str:
-    parts = urlsplit(url)
-    path = parts.netloc + parts.path
-    path = path[1:] if path.startswith("/") else path
-    if not path:
-        raise ValueError(f"sink URL {url!r} has no path")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"sink URL {url!r}: directory {parent} does not exist")
-    return path
 
 
 class _Database:

@@ -3,12 +3,12 @@
 URL: ``http(s)://[user:password@]host[:port]/path?OPTIONS`` (see docs/sinks/http.md).
 
 Wire format. One request per batch (or per part of a batch, see below), body of
-newline-delimited JSON, one line per item. By default each line is an envelope
-``{"log_id": ..., "seq": ..., "item": ...}`` (the file sink's format), so any
-receiver can drop duplicates per item; ``envelope=0`` sends the bare item and
-leaves the identity to the headers. JSON has no bytes: ``bytes`` become
-``{"$base64": "..."}``, as in the file sink. NaN/Infinity and maps with bytes
-keys have no JSON form; such an item is refused alone (dead-lettered).
+newline-delimited JSON (UTF-8), one line per item. By default each line is an
+envelope ``{"log_id": ..., "seq": ..., "item": ...}`` (the file sink's format), so
+any receiver can drop duplicates per item; ``envelope=0`` sends the bare item and
+leaves the identity to the headers. Items are written under walbatch's value
+mapping (walbatch.values, docs/values.md): what JSON has no form for (bytes, NaN,
+non-str keys, ...) is a tagged object, and ``values.loads`` reads any line back.
 
 Identity. Every request carries ``Idempotency-Key: <log_id>:<first_seq>-<last_seq>``
 (for a part whose seqs are not contiguous, e.g. keyed batching, a digest of
@@ -21,22 +21,25 @@ Size. ``max_body_bytes`` bounds the uncompressed body: a batch that encodes to
 more is split into several requests, greedily in seq order, each with its own
 key. An item whose line alone exceeds the limit is refused (dead-lettered).
 
-Outcomes. 2xx: delivered. 408, 429, any 5xx, connection errors and timeouts:
-transient (``SinkError(retryable=True, retry_after=...)`` from ``Retry-After``).
-Any other status: permanent (``PermanentSinkError`` with the status and a
-snippet of the response). When only some requests of a batch fail, ``write``
-returns per-item outcomes. After a transient failure the rest of the batch is
-not sent; the flusher retries the failed request and everything after it, and
-because cutting is greedy from the first line, that suffix is cut into the very
-same requests (same bytes, same keys).
+Outcomes. 2xx: delivered. 400, 413 and 422 are about the content: a request of
+several items that gets one is split in halves, sent again, and so on until the
+offending items are alone; each of those is refused (``PermanentSinkError`` with
+the status and a snippet of the response) and the rest are delivered. Every other
+status (401, 403, 404, 408, 429, 5xx, ...), connection errors and timeouts are
+about the endpoint, not the items: transient (``SinkError(retryable=True,
+retry_after=...)`` from ``Retry-After``), retried until the endpoint takes them.
+When only some requests of a batch fail, ``write`` returns per-item outcomes.
+After a transient failure the rest of the batch is not sent; the flusher retries
+the failed request and everything after it, and because cutting is greedy from the
+first line, that suffix is cut into the very same requests (same bytes, same keys).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import http.client
-import json
 import os
 import re
 import socket
@@ -47,11 +50,13 @@ import zlib
 from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import unquote, unquote_plus, urlencode, urlsplit
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch, Record
+from ..values import dumps, encode
 from .base import require
+from .urls import URLOptions
 
 DEFAULT_MAX_BODY_BYTES = 5 << 20
 DEFAULT_TIMEOUT = 30.0
@@ -71,26 +76,21 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _URL_OPTIONS = ("compress", "compress_level", "envelope", "max_body_bytes", "timeout", "header",
                 "header_env", "headers_file", "content_type", "retry_status", "ca_file")
 _REPEATABLE = ("header", "header_env")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-# One C-level encoder: json.dumps(**kwargs) would build a new one per item.
-_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False,
-                                default=lambda v: _json_default(v)).encode
+# Statuses that blame the request's content: the items in it, not the endpoint.
+CONTENT_STATUSES = frozenset({400, 413, 422})
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return {"$base64": base64.b64encode(bytes(v)).decode("ascii")}
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
-
-
-def encode_line(log_id: str, rec: Record, envelope: bool = True) -> str:
-    """One NDJSON line (with its newline), pure ASCII, so len() is its byte size."""
-    body = _encode_json(rec.item)
+def encode_line(log_id: str, rec: Record, envelope: bool = True) -> bytes:
+    """One NDJSON line, UTF-8, with its newline."""
     if envelope:
-        return f'{{"log_id":"{log_id}","seq":{rec.seq},"item":{body}}}\n'
-    return body + "\n"
+        return (b'{"log_id":%s,"seq":%d,"item":%s}\n'
+                % (_quoted_id(log_id), rec.seq, dumps(rec.item).encode()))
+    return dumps(rec.item).encode() + b"\n"
+
+
+@functools.lru_cache(maxsize=64)
+def _quoted_id(log_id: str) -> bytes:
+    return encode(log_id)
 
 
 def idempotency_key(log_id: str, seqs: list[int]) -> str:
@@ -126,6 +126,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return seconds
 
 
+class _ContentRefused(PermanentSinkError):
+    """The endpoint refused a request for its content (400, 413, 422)."""
+
+
 class _Part:
     """One request's worth of records: their seqs and encoded lines."""
 
@@ -133,13 +137,20 @@ class _Part:
 
     def __init__(self) -> None:
         self.records: list[Record] = []
-        self.lines: list[str] = []
+        self.lines: list[bytes] = []
         self.nbytes = 0
 
-    def add(self, rec: Record, line: str) -> None:
+    def add(self, rec: Record, line: bytes) -> None:
         self.records.append(rec)
         self.lines.append(line)
         self.nbytes += len(line)
+
+    def halves(self) -> tuple[_Part, _Part]:
+        mid = len(self.records) // 2
+        first, second = _Part(), _Part()
+        for i, (rec, line) in enumerate(zip(self.records, self.lines, strict=True)):
+            (first if i < mid else second).add(rec, line)
+        return first, second
 
 
 class HTTPSink:
@@ -244,9 +255,11 @@ class HTTPSink:
         log_id = batch.log_id
         outcomes: dict[int, BaseException] = {}  # seq -> failure
         parts = self._cut(batch, log_id, outcomes)
+        parts.reverse()  # a stack: the next part to send is last
         delivered = 0
         stop: SinkError | None = None
-        for part in parts:
+        while parts:
+            part = parts.pop()
             seqs = [r.seq for r in part.records]
             if stop is not None:
                 # An earlier request was refused for now (429, 503, down): sending more
@@ -257,6 +270,14 @@ class HTTPSink:
                 continue
             try:
                 self._send(part, log_id, seqs, batch.attempt)
+            except _ContentRefused as ex:
+                if len(seqs) > 1:
+                    # Some item in it is refused: send each half on its own until the
+                    # refused ones are alone, so the others are delivered.
+                    parts += reversed(part.halves())
+                    continue
+                outcomes[seqs[0]] = PermanentSinkError(str(ex))
+                continue
             except SinkError as ex:
                 for s in seqs:
                     outcomes[s] = ex
@@ -315,7 +336,7 @@ class HTTPSink:
     # ------------------------------------------------------------------- send
 
     def _send(self, part: _Part, log_id: str, seqs: list[int], attempt: int) -> None:
-        raw = "".join(part.lines).encode("ascii")
+        raw = b"".join(part.lines)
         body = self._compress(raw)
         key = idempotency_key(log_id, seqs)
         headers = dict(self._headers)
@@ -338,13 +359,13 @@ class HTTPSink:
         if 200 <= status < 300:
             return
         message = f"HTTP {status} {reason} from {what}: {_snippet(data)}"
-        if status in (408, 429) or status >= 500 or status in self.retry_status:
+        if status in CONTENT_STATUSES and status not in self.retry_status:
             with self._lock:
-                self.counters["transient"] += 1
-            raise SinkError(message, retryable=True, retry_after=parse_retry_after(retry_after))
+                self.counters["permanent"] += 1
+            raise _ContentRefused(message)
         with self._lock:
-            self.counters["permanent"] += 1
-        raise PermanentSinkError(message)
+            self.counters["transient"] += 1
+        raise SinkError(message, retryable=True, retry_after=parse_retry_after(retry_after))
 
     def _compress(self, raw: bytes) -> bytes:
         if self.compress == "gzip":
@@ -512,23 +533,6 @@ def _read_headers_file(path: str) -> dict[str, str]:
     return out
 
 
-def _flag(name: str, value: str) -> bool:
-    v = value.lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise ValueError(f"HTTP sink: {name} must be 1 or 0 (true/false); got {value!r}")
-
-
-def _number(name: str, value: str, kind: type[int] | type[float]) -> Any:
-    try:
-        return kind(value.replace("_", ""))
-    except ValueError:
-        noun = "an integer" if kind is int else "a number"
-        raise ValueError(f"HTTP sink: {name} must be {noun}; got {value!r}") from None
-
-
 def from_url(url: str) -> HTTPSink:
     """Build an HTTPSink from a sink URL; options are query parameters.
 
@@ -537,60 +541,49 @@ def from_url(url: str) -> HTTPSink:
     typo is an error instead of something silently sent to the server.
     """
     parts = urlsplit(url)
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError as ex:
-        raise ValueError(f"HTTP sink URL {_safe(url)!r}: malformed query string ({ex})") from None
-    opts: dict[str, str] = {}
-    repeated: dict[str, list[str]] = {k: [] for k in _REPEATABLE}
+    options = URLOptions(url, "HTTP", _URL_OPTIONS, repeatable=_REPEATABLE,
+                         passthrough=lambda name: name.startswith("query."),
+                         hint=lambda name: (f". To send a query parameter to the server, write "
+                                            f"query.{name}=..."))
     passthrough: list[tuple[str, str]] = []
-    for name, value in pairs:
-        if name.startswith("query."):
-            if not name[6:]:
-                raise ValueError("HTTP sink: query.NAME=VALUE needs a NAME")
-            passthrough.append((name[6:], value))
-        elif name in _REPEATABLE:
-            repeated[name].append(value)
-        elif name in _URL_OPTIONS:
-            if name in opts:
-                raise ValueError(f"HTTP sink: option {name} given twice")
-            if not value:
-                raise ValueError(f"HTTP sink: option {name} is empty")
-            opts[name] = value
-        else:
-            raise ValueError(
-                f"HTTP sink: unknown option {name!r} in the sink URL; options are "
-                f"{', '.join(_URL_OPTIONS)}. To send a query parameter to the server, "
-                f"write query.{name}=...")
+    for pair in options.others:
+        name, _, value = pair.partition("=")
+        name, value = unquote_plus(name)[6:], unquote_plus(value)
+        if not name:
+            raise options.error("query.NAME=VALUE needs a NAME")
+        passthrough.append((name, value))
     headers: dict[str, str] = {}
-    if "headers_file" in opts:
-        headers.update(_read_headers_file(opts["headers_file"]))
-    for spec in repeated["header"]:
+    if "headers_file" in options:
+        headers.update(_read_headers_file(options.text("headers_file") or ""))
+    for spec in options.values("header"):
         name, value = _split_header("header", spec)
         headers[name] = value
-    for spec in repeated["header_env"]:
+    for spec in options.values("header_env"):
         name, var = _split_header("header_env", spec)
         if var not in os.environ:
             raise ValueError(f"HTTP sink: header_env={name}:{var}: environment variable {var} "
                              "is not set")
         headers[name] = os.environ[var]
     kwargs: dict[str, Any] = {"headers": headers}
-    if "compress" in opts:
-        kwargs["compress"] = opts["compress"].lower()
-    if "compress_level" in opts:
-        kwargs["compress_level"] = _number("compress_level", opts["compress_level"], int)
-    if "envelope" in opts:
-        kwargs["envelope"] = _flag("envelope", opts["envelope"])
-    if "max_body_bytes" in opts:
-        kwargs["max_body_bytes"] = _number("max_body_bytes", opts["max_body_bytes"], int)
-    if "timeout" in opts:
-        kwargs["timeout"] = _number("timeout", opts["timeout"], float)
-    if "content_type" in opts:
-        kwargs["content_type"] = opts["content_type"]
-    if "retry_status" in opts:
-        kwargs["retry_status"] = [_number("retry_status", s.strip(), int)
-                                  for s in opts["retry_status"].split(",")]
-    if "ca_file" in opts:
-        kwargs["ca_file"] = opts["ca_file"]
+    if "compress" in options:
+        kwargs["compress"] = (options.text("compress") or "").lower()
+    if "compress_level" in options:
+        kwargs["compress_level"] = options.integer("compress_level", 0)
+    kwargs["envelope"] = options.flag("envelope", True)
+    if "max_body_bytes" in options:
+        kwargs["max_body_bytes"] = options.integer("max_body_bytes", 0)
+    if "timeout" in options:
+        kwargs["timeout"] = options.number("timeout", 0.0)
+    if "content_type" in options:
+        kwargs["content_type"] = options.text("content_type")
+    if "retry_status" in options:
+        codes = []
+        for code in (options.text("retry_status") or "").split(","):
+            if not code.strip().isdigit():
+                raise options.error(f"retry_status: {code.strip()!r} is not an HTTP status code")
+            codes.append(int(code))
+        kwargs["retry_status"] = codes
+    if "ca_file" in options:
+        kwargs["ca_file"] = options.text("ca_file")
     endpoint = parts._replace(query=urlencode(passthrough), fragment=parts.fragment).geturl()
     return HTTPSink(endpoint, **kwargs)

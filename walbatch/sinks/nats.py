@@ -27,11 +27,9 @@ PubAck (a stored or a duplicate message). No ack, for whatever reason, means "re
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import itertools
 import json
-import json.encoder
 import logging
 import re
 import ssl
@@ -40,22 +38,23 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgpack
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from .base import Outcomes, _redacted, require
+from ..values import encode
+from .base import Outcomes, require
+from .urls import URLOptions, redacted
+from .urls import parse_duration as parse_duration  # re-exported: part of this module's API
 
 log = logging.getLogger("walbatch")
 
 DEFAULT_PORT = 4222
 _NAME_RE = re.compile(r"^[^\s.*>/\\]+$")
 _TOKEN_RE = re.compile(r"^[^\s.*>]+$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_ENCODINGS = ("json", "msgpack", "raw")
+_ENCODINGS = ("json", "msgpack", "raw", "text")
 
 
 # ------------------------------------------------------------------ options
@@ -95,24 +94,6 @@ _QUERY_KEYS = {"stream", "subject", "encoding", "timeout", "connect_timeout", "h
                "tls_cert", "tls_key", "name"}
 
 
-def parse_duration(text: str, what: str) -> float:
-    """``"10m"``, ``"30s"``, ``"500ms"``, ``"2h"``, ``"1d"`` or plain seconds -> seconds."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise ValueError(f"nats sink URL: {what}={text!r} is not a duration "
-                         "(e.g. 500ms, 30s, 10m, 2h, 1d, or seconds)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def _parse_bool(text: str, what: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"nats sink URL: {what}={text!r} is not a boolean (1/0, true/false)")
-
-
 def _split_hosts(url: str, scheme: str, hosts: str) -> list[str]:
     servers = []
     for part in hosts.split(","):
@@ -141,7 +122,7 @@ def parse_url(url: str) -> NATSOptions:
     """A ``nats://`` (or ``tls://``) sink URL -> options; ValueError naming what is wrong."""
     parts = urlsplit(url)
     scheme = parts.scheme
-    shown = _redacted(url)  # messages never show a password or token
+    shown = redacted(url)  # messages never show a password or token
     if scheme not in ("nats", "tls"):
         raise ValueError(f"nats sink URL {shown!r}: scheme must be nats:// or tls://")
     if parts.path not in ("", "/"):
@@ -151,18 +132,7 @@ def parse_url(url: str) -> NATSOptions:
     if not hosts:
         raise ValueError(f"nats sink URL {shown!r}: no server (nats://host:port[,host:port...])")
     servers = _split_hosts(shown, scheme, hosts)
-    try:
-        raw = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError as ex:
-        raise ValueError(f"nats sink URL {shown!r}: malformed query: {ex}") from None
-    twice = sorted(k for k, v in raw.items() if len(v) > 1)
-    if twice:  # which one would win is a guess the user did not mean to make
-        raise ValueError(f"nats sink URL {shown!r}: option {twice[0]} given more than once")
-    unknown = sorted(set(raw) - _QUERY_KEYS)
-    if unknown:
-        raise ValueError(f"nats sink URL {shown!r}: unknown option(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(_QUERY_KEYS))}")
-    q = {k: v[-1] for k, v in raw.items()}
+    q = URLOptions(url, "nats", sorted(_QUERY_KEYS))
 
     user = password = token = None
     if at:
@@ -171,21 +141,21 @@ def parse_url(url: str) -> NATSOptions:
             user, password = unquote(name), unquote(secret)
         else:
             token = unquote(name)  # nats://TOKEN@host, the NATS convention
-    user = q.get("user", user)
-    password = q.get("password", password)
-    token = q.get("token", token)
+    user = q.text("user", user)
+    password = q.text("password", password)
+    token = q.text("token", token)
     if (user is None) != (password is None):
         raise ValueError(f"nats sink URL {shown!r}: user and password go together")
     if token is not None and user is not None:
         raise ValueError(f"nats sink URL {shown!r}: give a token or a user and password, not both")
 
-    stream = q.get("stream", "")
+    stream = q.text("stream", "") or ""
     if not stream:
         raise ValueError(f"nats sink URL {shown!r}: missing ?stream=NAME")
     if not _NAME_RE.match(stream):
         raise ValueError(f"nats sink URL {shown!r}: stream name {stream!r} may not contain "
                          "whitespace, '.', '*', '>', '/' or '\\'")
-    subject = q.get("subject", "")
+    subject = q.text("subject", "") or ""
     if not subject:
         raise ValueError(f"nats sink URL {shown!r}: missing ?subject=SUBJECT (a literal subject, "
                          "or a template such as events.{type})")
@@ -194,40 +164,20 @@ def parse_url(url: str) -> NATSOptions:
         raise ValueError(f"nats sink URL {shown!r}: subject of {len(subject.encode())} bytes; "
                          f"NATS takes at most {MAX_SUBJECT_BYTES}")
 
-    encoding = q.get("encoding", "json").lower()
-    if encoding not in _ENCODINGS:
-        raise ValueError(f"nats sink URL {shown!r}: encoding={encoding!r}; expected one of "
-                         + ", ".join(_ENCODINGS))
-    storage = q.get("storage", "file").lower()
-    if storage not in ("file", "memory"):
-        raise ValueError(f"nats sink URL {shown!r}: storage={storage!r}; expected file or memory")
-    try:
-        replicas = int(q.get("replicas", "1"))
-    except ValueError:
-        raise ValueError(f"nats sink URL {shown!r}: replicas={q['replicas']!r} is not a number") from None
-    if not 1 <= replicas <= 5:
-        raise ValueError(f"nats sink URL {shown!r}: replicas={replicas}; JetStream allows 1 to 5")
-
-    def duration(key: str, default: float) -> float:
-        if key not in q:
-            return default
-        value = parse_duration(q[key], key)
-        if value <= 0:
-            raise ValueError(f"nats sink URL {shown!r}: {key} must be positive")
-        return value
-
-    horizon = duration("horizon", 600.0)
-    dup_window = duration("dup_window", horizon) if "dup_window" in q else None
-    if (q.get("tls_cert") is None) != (q.get("tls_key") is None):
+    encoding = q.choice("encoding", "json", _ENCODINGS)
+    storage = q.choice("storage", "file", ("file", "memory"))
+    replicas = q.integer("replicas", 1, low=1, high=5)  # what JetStream allows
+    horizon = q.duration("horizon", 600.0)
+    dup_window = q.duration("dup_window", horizon) if "dup_window" in q else None
+    if ("tls_cert" in q) != ("tls_key" in q):
         raise ValueError(f"nats sink URL {shown!r}: tls_cert and tls_key go together")
     return NATSOptions(
         servers=servers, stream=stream, subject=subject, encoding=encoding,
-        timeout=duration("timeout", 5.0), connect_timeout=duration("connect_timeout", 5.0),
-        horizon=horizon,
-        create=_parse_bool(q.get("create", "0"), "create"), dup_window=dup_window,
+        timeout=q.duration("timeout", 5.0), connect_timeout=q.duration("connect_timeout", 5.0),
+        horizon=horizon, create=q.flag("create", False), dup_window=dup_window,
         replicas=replicas, storage=storage, user=user, password=password, token=token,
-        tls_ca=q.get("tls_ca"), tls_cert=q.get("tls_cert"),
-        tls_key=q.get("tls_key"), name=q.get("name", "walbatch"))
+        tls_ca=q.text("tls_ca"), tls_cert=q.text("tls_cert"),
+        tls_key=q.text("tls_key"), name=q.text("name", "walbatch") or "walbatch")
 
 
 # ------------------------------------------------------------- subjects
@@ -306,31 +256,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
 # ------------------------------------------------------------- encoding
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _json_encoder() -> Callable[[Any], bytes]:
-    """Strict, compact JSON to UTF-8 bytes; NaN and Infinity refused (other parsers reject them).
-
-    JSONEncoder.encode builds a new C encoder on every call; building it once saves about
-    40% per item, which shows at 100k items/s. Items come from msgpack, so they cannot be
-    circular and the cycle check (markers=None) is not needed: a self-referencing value
-    handed to write() directly ends in RecursionError, refused like any unencodable item.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # a Python without the C accelerator
-        slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                                default=_json_default)
-        return lambda item: slow.encode(item).encode("utf-8")
-    chunks = make(None, _json_default, json.encoder.encode_basestring, None, ":", ",",
-                  False, False, False)
-    return lambda item: "".join(chunks(item, 0)).encode("utf-8")
-
-
-encode_json = _json_encoder()
+encode_json = encode  # the value mapping's encoder (walbatch.values)
 
 
 def encode_msgpack(item: Any) -> bytes:
@@ -340,13 +266,19 @@ def encode_msgpack(item: Any) -> bytes:
 def encode_raw(item: Any) -> bytes:
     if isinstance(item, bytes):
         return item
+    raise TypeError(f"encoding=raw publishes bytes items as they are; this item is a "
+                    f"{type(item).__name__} (encoding=text publishes str items as UTF-8)")
+
+
+def encode_text(item: Any) -> bytes:
     if isinstance(item, str):
-        return item.encode("utf-8")
-    raise TypeError(f"encoding=raw takes bytes or str items, got {type(item).__name__}")
+        return item.encode("utf-8")  # a lone surrogate: UnicodeEncodeError, a ValueError
+    raise TypeError(f"encoding=text publishes str items as UTF-8; this item is a "
+                    f"{type(item).__name__} (encoding=raw publishes bytes items as they are)")
 
 
 ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "json": encode_json, "msgpack": encode_msgpack, "raw": encode_raw}
+    "json": encode_json, "msgpack": encode_msgpack, "raw": encode_raw, "text": encode_text}
 
 
 # ------------------------------------------------------------------ acks

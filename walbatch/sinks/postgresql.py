@@ -22,22 +22,23 @@ database's message, so it goes to the dead letters by itself.
 
 from __future__ import annotations
 
-import base64
-import json
+import hashlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
+from ..values import dumps
 from .base import isolate, require
+from .urls import URLOptions
 
 KEY_COLUMNS = ("_log_id", "_seq")
 MODES = ("jsonb", "columns")
-OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool")
+OPTIONS = ("table", "columns", "mode", "item_column", "rest", "create", "pool", "upsert")
 STAGE = "_walbatch_stage"
 # Item-level SQLSTATE classes: data exception, integrity constraint violation,
 # WITH CHECK OPTION violation (a view), program limit exceeded (e.g. an index row
@@ -45,8 +46,6 @@ STAGE = "_walbatch_stage"
 # is about the connection, the schema or the server, and retrying the batch is the cure.
 ITEM_CLASSES = ("22", "23", "44", "54", "P0")
 _TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .]*(\(\s*\d+\s*(,\s*\d+\s*)?\))?(\s*\[\d*\])*$")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,8 @@ class PostgreSQLSink:
     def __init__(self, conninfo: str, *, table: str = "items",
                  columns: str | Sequence[str | Column] | Mapping[str, str] | None = None,
                  mode: str | None = None, item_column: str = "item", rest: str | None = None,
-                 create: bool = False, pool: int = 4) -> None:
+                 create: bool = False, pool: int = 4,
+                 upsert: str | Sequence[str] | None = None) -> None:
         self._psycopg = require("psycopg", "postgresql", "PostgreSQL")
         from psycopg import sql
         from psycopg.conninfo import conninfo_to_dict
@@ -117,6 +117,7 @@ class PostgreSQLSink:
             raise ValueError(f"bad table {table!r}: expected NAME or SCHEMA.NAME")
         self.table = table
         self._table = sql.Identifier(*parts)
+        self._table_name = parts[-1]
 
         if isinstance(columns, str):
             cols = parse_columns(columns)
@@ -160,6 +161,16 @@ class PostgreSQLSink:
                     + (f" (no type for {', '.join(untyped)})" if untyped else ""))
         if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
             raise ValueError(f"pool must be a positive integer, not {pool!r}")
+        keys = tuple(k.strip() for k in upsert.split(",")) if isinstance(upsert, str) else \
+            tuple(upsert or ())
+        if any(not k for k in keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"bad upsert {upsert!r}: expected COLUMN[,COLUMN] (each once)")
+        if keys and mode == "columns" and cols is not None:
+            unknown = [k for k in keys if k not in {c.name for c in cols}]
+            if unknown:
+                raise ValueError(f"upsert column {unknown[0]!r} is not one of columns= "
+                                 f"({', '.join(c.name for c in cols)})")
+        self.upsert = keys
         self.mode = mode
         self.columns = cols
         self.item_column = item_column
@@ -187,13 +198,13 @@ class PostgreSQLSink:
             # key or the constraint fails the COPY, nothing of it stays, and the
             # careful path below runs. Retries and replays, which are likely to
             # overlap what is stored, take the careful path at once.
-            direct = batch.attempt == 1 and batch.reason != "replay"
+            direct = batch.attempt == 1 and batch.reason != "replay" and not self.upsert
             if rows and direct:
                 try:
                     with session.conn.transaction():
                         session.copy(rows, session.direct_sql)
                     rows = []
-                except psycopg.Error as ex:
+                except (psycopg.Error, ValueError, TypeError) as ex:
                     if not _item_level(ex):
                         raise
             if rows:
@@ -224,8 +235,7 @@ class PostgreSQLSink:
         def refuse(i: int, ex: BaseException) -> None:
             outcomes[i] = PermanentSinkError(f"PostgreSQL refused the item: {_item_message(ex)}")
 
-        psycopg = self._psycopg
-        isolate(rows, store, lambda ex: isinstance(ex, psycopg.Error) and _item_level(ex), refuse)
+        isolate(rows, store, _item_level, refuse)
 
     # ----------------------------------------------------------- the pool
 
@@ -301,7 +311,7 @@ class _Session:
             self._create_table(sink)
         types = self._column_types(sink)
         if sink.mode == "jsonb":
-            plan = [(sink.item_column, None, True)]
+            plan = [(sink.item_column, None, "json")]
         else:
             cols = sink.columns
             if cols is None:
@@ -313,20 +323,22 @@ class _Session:
                 if not cols:
                     raise SinkError(f"table {sink.table} has no column besides "
                                     f"{', '.join(KEY_COLUMNS)} for mode=columns")
-            plan = [(c.name, c.field, types.get(c.name, ("",))[0] in ("json", "jsonb"))
-                    for c in cols]
+            plan = [(c.name, c.field, _kind(types.get(c.name, ("",))[0])) for c in cols]
             if sink.rest:
-                plan.append((sink.rest, None, True))
+                plan.append((sink.rest, None, "json"))
         wanted = [*KEY_COLUMNS, *(name for name, _, _ in plan)]
         missing = [n for n in wanted if n not in types]
         if missing:
             raise SinkError(f"table {sink.table} has no column {', '.join(missing)}"
                             + (" (create=1 makes the table)" if not sink.create else ""))
         self.mode = sink.mode
-        self.fields = [(field, is_json) for _, field, is_json in plan if field is not None]
-        self.rest_fields = {f for f, _ in self.fields} if sink.rest else None
-        plain = not sink.rest and not any(is_json for _, is_json in self.fields)
-        self.fast_fields = [f for f, _ in self.fields] if plain else None
+        self.fields = [(field, kind, types[name][0])
+                       for name, field, kind in plan if field is not None]
+        self.rest_fields = {f for f, _, _ in self.fields} if sink.rest else None
+        plain = not sink.rest and not any(kind == "json" for _, kind, _ in self.fields)
+        self.fast_fields = [f for f, _, _ in self.fields] if plain else None
+        # What each column takes as it is (None is NULL in any column).
+        self.fast_types = [_TAKES[kind] | {type(None)} for _, kind, _ in self.fields]
         names = sql.SQL(", ").join(sql.Identifier(n) for n in wanted)
         stage = sql.Identifier(STAGE)
         # The staging table has the target's column types and nothing else (no
@@ -340,14 +352,57 @@ class _Session:
             table=sink._table, names=names)
         self.stage_sql = sql.SQL("COPY {stage} ({names}) FROM STDIN").format(
             stage=stage, names=names)
-        conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
-            keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
+        self.key_fields: list[str] = []
+        self.key_json = False
+        if not sink.upsert:
+            conflict = sql.SQL("ON CONFLICT ({keys}) DO NOTHING").format(
+                keys=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
+            select = sql.SQL("SELECT {names} FROM moved").format(names=names)
+        else:
+            keys = self._upsert_keys(sink, plan)
+            if sink.create:
+                digest = hashlib.blake2b("\0".join(sink.upsert).encode(), digest_size=4).hexdigest()
+                self.cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {name} ON {table} "
+                                         "({keys})").format(
+                    name=sql.Identifier(f"{sink._table_name[:40]}_upsert_{digest}"),
+                    table=sink._table, keys=keys))
+            # One row per key: DISTINCT ON keeps a batch's last record per key (one
+            # statement may not update a row twice); a stored row is replaced unless it
+            # holds a later record of the same log, so a redelivered older item never
+            # overwrites a newer one. Seqs of different logs say nothing about order.
+            select = sql.SQL("SELECT DISTINCT ON ({keys}) {names} FROM moved "
+                             "ORDER BY {keys}, _seq DESC").format(keys=keys, names=names)
+            conflict = sql.SQL(
+                "ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {table}._log_id <> "
+                "EXCLUDED._log_id OR {table}._seq < EXCLUDED._seq").format(
+                    keys=keys, table=sink._table, sets=sql.SQL(", ").join(
+                        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(n)) for n in wanted))
         # Several chunks may share one transaction: each takes its rows out of the
         # staging table, or the next chunk would insert them again.
         self.move_sql = sql.SQL(
             "WITH moved AS (DELETE FROM {stage} RETURNING {names}) "
-            "INSERT INTO {table} ({names}) SELECT {names} FROM moved {conflict}").format(
-                table=sink._table, names=names, stage=stage, conflict=conflict)
+            "INSERT INTO {table} ({names}) {select} {conflict}").format(
+                table=sink._table, names=names, stage=stage, select=select, conflict=conflict)
+
+    def _upsert_keys(self, sink: PostgreSQLSink, plan: list[tuple[str, str | None, str]]) -> Any:
+        """The key expressions, and the item fields that must hold the key (key_fields)."""
+        from psycopg import sql
+
+        if sink.mode == "jsonb":
+            self.key_fields = list(sink.upsert)
+            self.key_json = True
+            return sql.SQL(", ").join(
+                sql.SQL("({} -> {})").format(sql.Identifier(sink.item_column),
+                                             sql.Literal("$" + k if k.startswith("$") else k))
+                for k in sink.upsert)
+        fields = {name: field for name, field, _ in plan if field is not None}
+        missing = [k for k in sink.upsert if k not in fields]
+        if missing:
+            raise SinkError(f"upsert column {missing[0]!r} is not a column the sink writes "
+                            f"({', '.join(fields)})")
+        self.key_fields = [fields[k] for k in sink.upsert]
+        self.key_json = False
+        return sql.SQL(", ").join(sql.Identifier(k) for k in sink.upsert)
 
     def _create_table(self, sink: PostgreSQLSink) -> None:
         from psycopg import sql
@@ -398,25 +453,38 @@ class _Session:
 
     def rows(self, batch: Batch) -> tuple[list[tuple[int, tuple]], list[BaseException | None]]:
         """``(index, row)`` for every record that converts, and the outcomes so far."""
+        rows, outcomes = self._rows(batch)
+        if self.key_fields:
+            keep = []
+            for i, row in rows:
+                problem = _key_problem(batch[i].item, self.key_fields, self.key_json)
+                if problem is None:
+                    keep.append((i, row))
+                else:
+                    outcomes[i] = PermanentSinkError(f"seq {batch[i].seq}: {problem}")
+            rows = keep
+        return rows, outcomes
+
+    def _rows(self, batch: Batch) -> tuple[list[tuple[int, tuple]], list[BaseException | None]]:
         log_id = batch.log_id
         outcomes: list[BaseException | None] = [None] * len(batch)
         rows: list[tuple[int, tuple]] = []
         if self.mode == "jsonb":
             for i, r in enumerate(batch):
                 try:
-                    rows.append((i, (log_id, r.seq, _json(r.item))))
-                except (TypeError, ValueError, RecursionError) as ex:
-                    outcomes[i] = PermanentSinkError(f"item cannot be stored as JSON: {ex}")
+                    rows.append((i, (log_id, r.seq, dumps(r.item))))
+                except (TypeError, ValueError) as ex:
+                    outcomes[i] = PermanentSinkError(f"seq {r.seq}: item cannot be stored: {ex}")
             return rows, outcomes
         fields = self.fields
         # The common case first (flat dicts of scalars into non-JSON columns): this
         # loop runs in the flusher, under the GIL the submitters need too.
-        fast = self.fast_fields
+        fast, fast_types = self.fast_fields, self.fast_types
         for i, r in enumerate(batch):
             item = r.item
             if fast is not None and type(item) is dict:
                 values = [item.get(f) for f in fast]
-                if all(type(v) in _PLAIN for v in values):
+                if all(type(v) in ok for v, ok in zip(values, fast_types, strict=True)):
                     rows.append((i, (log_id, r.seq, *values)))
                     continue
             if not isinstance(item, dict):
@@ -425,13 +493,13 @@ class _Session:
                 continue
             try:
                 row = [log_id, r.seq]
-                for field, is_json in fields:
-                    row.append(_cell(item.get(field), is_json))
+                for field, kind, typname in fields:
+                    row.append(_cell(item, field, kind, typname))
                 if self.rest_fields is not None:
                     extra = {k: v for k, v in item.items() if k not in self.rest_fields}
-                    row.append(_json(extra) if extra else None)
-            except (TypeError, ValueError, RecursionError) as ex:
-                outcomes[i] = PermanentSinkError(f"item cannot be stored: {ex}")
+                    row.append(dumps(extra, "item (the rest)") if extra else None)
+            except (TypeError, ValueError) as ex:
+                outcomes[i] = PermanentSinkError(f"seq {r.seq}: item cannot be stored: {ex}")
                 continue
             rows.append((i, tuple(row)))
         return rows, outcomes
@@ -457,30 +525,64 @@ class _Session:
 # ------------------------------------------------------------------ values
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return {"$base64": base64.b64encode(bytes(v)).decode()}
-    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+# Columns whose type stands for one kind of value take only that kind, as it is:
+# PostgreSQL would otherwise take the text form of another (True as 't', 5 as '5', bytes
+# as '\\x..', a list as JSON text) and read back something else. Other types
+# (numbers, timestamps, uuid, enums, ...) take scalars for PostgreSQL to convert by
+# the column's type, which is what mode=columns is for.
+_TAKES: dict[str, frozenset[type]] = {
+    "text": frozenset({str}),
+    "bytes": frozenset({bytes}),
+    "bool": frozenset({bool}),
+    "array": frozenset({list, str}),
+    "other": frozenset({str, int, float, bool}),
+    "json": frozenset(),
+}
+_KINDS = {"json": "json", "jsonb": "json", "text": "text", "varchar": "text", "bpchar": "text",
+          "citext": "text", "name": "text", "bytea": "bytes", "bool": "bool"}
 
 
-# One encoder for every item: json.dumps with options builds a new one per call,
-# which costs more than encoding a small item. allow_nan=False: jsonb refuses NaN
-# anyway, and failing here names the item.
-_json = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False,
-                         separators=(",", ":")).encode
+def _kind(typname: str) -> str:
+    return _KINDS.get(typname) or ("array" if typname.startswith("_") else "other")
 
 
-_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
-
-
-def _cell(v: Any, is_json: bool) -> Any:
-    if v is None:
-        return None
-    if is_json or isinstance(v, (dict, list, tuple)):
-        return _json(v)
-    if isinstance(v, (str, int, float, bytes)):  # bool is an int
+def _cell(item: dict[Any, Any], field: str, kind: str, typname: str) -> Any:
+    if field not in item:
+        return None  # an absent field is NULL, in every kind of column
+    v = item[field]
+    if kind == "json":
+        return dumps(v, f"item[{field!r}]")  # a present None is JSON null
+    if v is None or type(v) in _TAKES[kind]:
+        if kind == "array" and type(v) is list:
+            _check_array(v, field, typname)
         return v
-    raise TypeError(f"{type(v).__name__} cannot be stored in a column")
+    raise TypeError(f"item[{field!r}] is a {type(v).__name__}; column {field!r} has type "
+                    f"{typname}, which takes {' or '.join(sorted(t.__name__ for t in _TAKES[kind]))}"
+                    " (a json or jsonb column, or rest=, takes any value)")
+
+
+def _check_array(values: list[Any], field: str, typname: str) -> None:
+    for v in values:
+        if type(v) is list:
+            _check_array(v, field, typname)
+        elif v is not None and type(v) not in _TAKES["other"]:
+            raise TypeError(f"item[{field!r}] holds a {type(v).__name__}; column {field!r} has "
+                            f"the array type {typname}")
+
+
+def _key_problem(item: Any, fields: list[str], json_key: bool) -> str | None:
+    """Why this item has no upsert key, or None. NULL keys never conflict (a row each)."""
+    if type(item) is not dict or (json_key and not all(type(k) is str for k in item)):
+        return f"upsert={','.join(fields)} needs a dict item" + (" with str keys" if json_key else "")
+    for f in fields:
+        v = item.get(f)
+        if v is None:
+            return f"the upsert key {f!r} is missing or None"
+        # In jsonb, true is not 1 but 1.0 is, and a container's JSON could equal
+        # another's: keys are str or int, so that different keys never share a row.
+        if json_key and not (type(v) is str or type(v) is int):
+            return f"the upsert key {f!r} is {v!r}: in mode=jsonb a key must be a str or an int"
+    return None
 
 
 # ------------------------------------------------------------------ errors
@@ -493,8 +595,9 @@ def _item_level(ex: BaseException) -> bool:
     sqlstate = getattr(ex, "sqlstate", None)
     if sqlstate:
         return sqlstate[:2] in ITEM_CLASSES
-    # Raised by psycopg itself while dumping a row (a NUL in a string).
-    return isinstance(ex, psycopg.DataError)
+    # Raised by psycopg itself while dumping a row (a NUL in a string, a value its
+    # dumper cannot write): about that row.
+    return isinstance(ex, (psycopg.DataError, ValueError, TypeError))
 
 
 def _message(ex: BaseException) -> str:
@@ -519,8 +622,9 @@ def _item_message(ex: BaseException) -> str:
 
 def _hint(ex: BaseException) -> str:
     if getattr(ex, "sqlstate", None) == "42P10":
-        return (" (the table needs a primary key or unique index on (_log_id, _seq): "
-                "walbatch relies on it to drop redelivered records)")
+        return (" (the table needs a unique index on (_log_id, _seq), which walbatch relies on "
+                "to drop redelivered records, and with upsert= one on the upsert key: create=1 "
+                "makes it)")
     return ""
 
 
@@ -549,26 +653,12 @@ def from_url(url: str) -> PostgreSQLSink:
         parts.port  # noqa: B018 - urlsplit checks the port only when asked
     except ValueError as ex:
         raise ValueError(f"bad PostgreSQL URL: {ex}") from None
-    ours: dict[str, str] = {}
-    libpq: list[str] = []
-    for pair in filter(None, parts.query.split("&")):
-        key = unquote_plus(pair.partition("=")[0])
-        if key in OPTIONS:
-            if key in ours:  # which one would win is a guess the user did not mean to make
-                raise ValueError(f"sink URL option {key} given more than once")
-            ours[key] = unquote_plus(pair.partition("=")[2])
-        else:
-            # Verbatim: libpq decodes %XX itself and, unlike a form, keeps "+" as "+".
-            libpq.append(pair)
-    for k in ("table", "columns", "mode", "item_column", "rest", "pool"):
-        if k in ours and not ours[k]:
-            raise ValueError(f"sink URL option {k}= is empty")
-    create = ours.get("create", "0").lower()
-    if create not in _TRUE + _FALSE:
-        raise ValueError(f"sink URL option create={ours['create']!r}: expected 1 or 0")
-    pool = ours.get("pool", "4")
-    if not pool.isdigit() or int(pool) < 1:
-        raise ValueError(f"sink URL option pool={pool!r}: expected a positive integer")
+    # walbatch's options are taken out; every other parameter goes to libpq verbatim
+    # (libpq decodes %XX itself and, unlike a form, keeps "+" as "+").
+    options = URLOptions(url, "PostgreSQL", OPTIONS, passthrough=lambda name: True)
+    libpq = options.others
+    create = options.flag("create", False)
+    pool = options.integer("pool", 4, low=1)
     conninfo = urlunsplit(parts._replace(scheme="postgresql", query="&".join(libpq)))
     psycopg = require("psycopg", "postgresql", "PostgreSQL")
     try:
@@ -576,6 +666,8 @@ def from_url(url: str) -> PostgreSQLSink:
     except psycopg.Error as ex:
         raise ValueError(f"bad PostgreSQL URL: {str(ex).strip()} (walbatch's own options are "
                          f"{', '.join(OPTIONS)}; the others go to libpq)") from None
-    return PostgreSQLSink(conninfo, table=ours.get("table", "items"), columns=ours.get("columns"),
-                          mode=ours.get("mode"), item_column=ours.get("item_column", "item"),
-                          rest=ours.get("rest"), create=create in _TRUE, pool=int(pool))
+    return PostgreSQLSink(conninfo, table=options.text("table", "items") or "items",
+                          columns=options.text("columns"), mode=options.text("mode"),
+                          item_column=options.text("item_column", "item") or "item",
+                          rest=options.text("rest"), create=create, pool=pool,
+                          upsert=options.text("upsert"))
