@@ -16,10 +16,11 @@ import time
 import weakref
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import msgpack
 
+from . import values
 from .checkpoint import Checkpoint
 from .commit import GroupCommitter
 from .delivery import Delivery, Stats, close_sink
@@ -37,40 +38,62 @@ log = logging.getLogger("walbatch")
 _tls = threading.local()
 
 
-def _encode(item: Any) -> bytes:
+def _encode(item: Any, name: str = "the item") -> bytes:
+    """``item`` packed, or TypeError/ValueError naming where in it the problem is."""
     try:
         pack = _tls.pack
     except AttributeError:  # one Packer per thread: packb would build one per call
         pack = _tls.pack = msgpack.Packer(use_bin_type=True).pack
     try:
-        return pack(item)
+        data = pack(item)
     except (TypeError, OverflowError, ValueError) as ex:
-        raise TypeError(
-            f"cannot submit a {type(item).__name__}: items must be msgpack-serialisable "
-            f"(None, bool, int, float, str, bytes, list, tuple, dict): {ex}"
-        ) from None
+        _refuse(item, name, ex)
+    if values.needs_check(data):  # too deep to read back, or an ExtType the log reserves
+        values.check(item, name)
+    return data
+
+
+def _refuse(item: Any, name: str, ex: BaseException) -> NoReturn:
+    """Raise TypeError for an item msgpack cannot pack, naming the path inside it."""
+    try:
+        values.check(item, name)
+        detail = str(ex)
+    except (TypeError, ValueError) as found:
+        detail = str(found)
+    raise TypeError(f"cannot submit {name}, a {type(item).__name__}: items must be "
+                    "msgpack-serialisable (None, bool, int, float, str, bytes, list, tuple, "
+                    f"dict); nothing was written: {detail}") from None
 
 
 def _encode_keyed(item: Any, key: Any) -> bytes:
     """One keyed item's encoding (see walbatch.keys)."""
     check_key(key)
-    return _encode(wrap(_encode(key), _encode(item)))
+    kb, ib = _encode(key, "the key"), _encode(item)
+    return _tls.pack(wrap(kb, ib))  # the one ExtType 87 the log holds on purpose
 
 
 def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
-    """The concatenated msgpack encodings of ``items`` (a frame payload) and their count."""
+    """The concatenated msgpack encodings of ``items`` (a frame payload) and their count.
+
+    All or nothing: an item that cannot be submitted raises, naming ``items[i]`` and
+    the path inside it, and nothing is written.
+    """
     if isinstance(items, (str, bytes, bytearray, dict)):  # iterable, but surely one item
         raise TypeError(f"submit_many takes a list (or other iterable) of items, not a "
                         f"{type(items).__name__}; use submit for one item")
     seq = items if isinstance(items, list) else list(items)
     if key is not None:
         check_key(key)
-        kb = _encode(key)
+        kb = _encode(key, "the key")
         try:
-            return wrap_many(kb, list(map(_tls.pack, seq))), len(seq)
-        except (TypeError, OverflowError, ValueError):
-            _raise_unencodable(seq)
-            raise
+            packs = list(map(_tls.pack, seq))
+        except (TypeError, OverflowError, ValueError, AttributeError):
+            packs = [_encode(item, f"items[{i}]") for i, item in enumerate(seq)]
+        if packs and (max(map(len, packs)) >= values.MSGPACK_DEPTH
+                      or values.has_ext_87(b"".join(packs))):
+            for i, item in enumerate(seq):
+                values.check(item, f"items[{i}]")
+        return wrap_many(kb, packs), len(seq)
     n = len(seq)
     try:
         pack_list = _tls.pack_list
@@ -79,23 +102,17 @@ def _encode_many(items: Iterable[Any], key: Any = None) -> tuple[bytes, int]:
     try:
         packed = pack_list(seq)
     except (TypeError, OverflowError, ValueError):
-        _raise_unencodable(seq)
+        for i, item in enumerate(seq):
+            _encode(item, f"items[{i}]")  # raises, naming the first item that cannot go
         raise
+    # Packed inside the list, every item is one level deeper, so msgpack's own limit
+    # already refused any item too deep to read back; an ExtType 87 is left to find.
+    if values.has_ext_87(packed):
+        for i, item in enumerate(seq):
+            values.check(item, f"items[{i}]")
     # Packing the list as one array runs the per-item loop in C; the payload is that
     # array without its header (1, 3 or 5 bytes by length: msgpack's fixarray/array16/array32).
     return packed[1 if n < 16 else 3 if n < 65536 else 5:], n
-
-
-def _raise_unencodable(items: list[Any]) -> None:
-    pack = msgpack.Packer(use_bin_type=True).pack
-    for i, item in enumerate(items):
-        try:
-            pack(item)
-        except (TypeError, OverflowError, ValueError) as ex:
-            raise TypeError(
-                f"cannot submit items[{i}], a {type(item).__name__}: items must be "
-                f"msgpack-serialisable; nothing was written: {ex}"
-            ) from None
 
 
 def _check_frame_size(nbytes: int) -> None:

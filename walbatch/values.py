@@ -437,10 +437,21 @@ def needs_check(packed: bytes | memoryview) -> bool:
     """Could ``check`` refuse a value msgpack packed as ``packed``? False means it passes.
 
     For ``submit``'s hot path: only an item whose encoding is over 1,024 bytes can nest
-    deeper than 1,024 levels, and only one holding the byte 0x57 can hold an ExtType
-    with code 87. One scan in C; a false positive only costs a ``check``.
+    1,024 levels deep, and only one holding an ext header with type 87 can hold an
+    ExtType with code 87. A scan in C; a false positive only costs a ``check``.
     """
-    return len(packed) > MSGPACK_DEPTH or b"\x57" in packed
+    return len(packed) >= MSGPACK_DEPTH or has_ext_87(packed)
+
+
+# An ext value is a header byte (0xd4..0xd8: fixext; 0xc7/0xc8/0xc9: ext with a 1/2/4-byte
+# length) and then its type byte. Searched in the reversed bytes, the pattern starts with
+# the literal type byte, which lets the regex engine skip ahead at C speed.
+_EXT_87_REVERSED = re.compile(rb"\x57(?:[\xd4-\xd8]|.\xc7|..\xc8|....\xc9)", re.S)
+
+
+def has_ext_87(packed: bytes | memoryview) -> bool:
+    """Might ``packed`` (msgpack) hold an ExtType with code 87? False means it does not."""
+    return _EXT_87_REVERSED.search(bytes(packed)[::-1]) is not None
 
 
 def check(item: Any, name: str = "item") -> None:
