@@ -241,7 +241,7 @@ def test_bad_urls_are_refused_clearly(tmp_path, url, message):
         ApplySink(url.format(tmp=tmp_path), lambda conn, batch: None)
 
 
-def test_walbatch_replay_takes_an_apply_sink_by_module_name(tmp_path):
+def test_walbatch_replay_takes_a_function_that_builds_an_apply_sink(tmp_path):
     import subprocess
     import sys
 
@@ -251,7 +251,8 @@ def test_walbatch_replay_takes_an_apply_sink_by_module_name(tmp_path):
         "def apply(conn, batch):\n"
         "    conn.executemany('UPDATE counters SET n = n + 1 WHERE id = ?',"
         " [(r.item['id'],) for r in batch])\n"
-        f"sink = ApplySink({db.url!r}, apply)\n")
+        f"def make_sink():\n"
+        f"    return ApplySink({db.url!r}, apply)\n")
     logdir = tmp_path / "log"
     with DurableBatcher(logdir, None) as writer:
         writer.submit_many([{"id": i % 2} for i in range(5)])
@@ -261,7 +262,7 @@ def test_walbatch_replay_takes_an_apply_sink_by_module_name(tmp_path):
     shutil.copytree(logdir, backup)  # the same log, before it was delivered
     for directory in (logdir, backup):  # replaying the restored copy applies nothing again
         out = subprocess.run([sys.executable, "-m", "walbatch", "replay", "--data-dir", str(directory),
-                              "--sink", "counting:sink"], capture_output=True, text=True,
+                              "--sink", "counting:make_sink"], capture_output=True, text=True,
                              env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
         assert out.returncode == 0, out.stderr
         assert "delivered 5 item(s)" in out.stdout

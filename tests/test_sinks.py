@@ -466,3 +466,28 @@ def test_plain_callables_are_wrapped():
 
     sink = resolve_sink(fn)
     assert isinstance(sink, FunctionSink) and sink.fn is fn
+
+
+def test_module_name_may_name_a_sink_a_factory_or_a_class(tmp_path, monkeypatch):
+    # module:function takes the batch; a callable of no arguments builds the sink once.
+    from walbatch.sinks import resolve_sink
+
+    (tmp_path / "shapes.py").write_text(
+        "seen = []\n"
+        "def write(batch):\n"
+        "    seen.append('function')\n"
+        "class Sink:\n"
+        "    def write(self, batch):\n"
+        "        seen.append('class')\n"
+        "def make():\n"
+        "    return Sink()\n"
+        "def broken():\n"
+        "    raise RuntimeError('no database')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import shapes
+
+    for spec in ("shapes:write", "shapes:Sink", "shapes:make"):
+        resolve_sink(spec).write([])
+    assert shapes.seen == ["function", "class", "class"]
+    with pytest.raises(ValueError, match="building the sink 'shapes:broken' failed: RuntimeError"):
+        resolve_sink("shapes:broken")

@@ -8,6 +8,7 @@ driver, and a missing driver's message names the extra that installs it.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,8 +38,26 @@ def sink_from_url(url: str) -> Any:
         module = importlib.import_module(f"{__package__}.{SCHEMES[scheme.lower()]}")
         return module.from_url(url)
     if "://" not in url and ":" in url:
-        return resolve_sink(load_callable(url))
+        target = load_callable(url)
+        if _builds_a_sink(target):
+            # module:make_sink, or module:SinkClass: called once, with no arguments.
+            try:
+                target = target()
+            except Exception as ex:
+                raise ValueError(f"building the sink {url!r} failed: {type(ex).__name__}: {ex}") from ex
+        return resolve_sink(target)
     raise ValueError(f"unknown sink {redacted(url)!r}: expected {FORMS}")
+
+
+def _builds_a_sink(target: Any) -> bool:
+    """A callable that takes no arguments builds a sink; one taking the batch is the sink."""
+    if not callable(target) or (hasattr(target, "write") and not isinstance(target, type)):
+        return False
+    try:
+        inspect.signature(target).bind()
+    except (TypeError, ValueError):  # needs an argument (the batch), or has no signature
+        return False
+    return True
 
 
 def load_callable(spec: str) -> Any:
@@ -47,7 +66,7 @@ def load_callable(spec: str) -> Any:
     if not (module and attr.isidentifier() and all(p.isidentifier() for p in module.split("."))):
         raise ValueError(f"unknown sink {spec!r}: expected {FORMS}")
     what = (f"cannot load the sink {spec!r} (module:function imports MODULE from the Python "
-            f"path and calls FUNCTION(batch))")
+            f"path and calls FUNCTION(batch), or FUNCTION() once if it takes no arguments)")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as ex:
