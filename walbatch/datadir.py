@@ -118,6 +118,7 @@ def check_sqlite_files(path: str) -> None:
             raise UnsafeDataDir(f"{p} is a symbolic link; walbatch never makes one in its data "
                                 "directory and does not let SQLite follow it (someone else can "
                                 "write there?): remove it")
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            # A FIFO would hang the open; a directory SQLite refuses by itself.
             raise UnsafeDataDir(f"{p} is not a regular file (mode {stat.filemode(st.st_mode)}); "
                                 "remove it")
