@@ -148,13 +148,13 @@ def recover(fs: FileSystem, directory: str, mode: str, readonly: bool) -> Recove
     segdir = os.path.join(directory, SEGMENTS_DIR)
     if not fs.exists(segdir):
         fs = _EmptySegments(fs, segdir)  # type: ignore[assignment]  # read-only only
-    cp = _load_checkpoint(fs, directory, segdir, mode, readonly)
+    cp, rebuilt = _load_checkpoint(fs, directory, segdir, mode, readonly)
     marker, marker_damage = load_marker(fs, directory, cp.log_id)
     quarantine = Quarantine(fs, directory)
     reported = quarantine.reported()
     virtual: dict[str, int] = {}  # read-only: path -> the name seq a repair would give it
     excluded: set[str] = set()  # read-only: paths a repair would move out
-    moves: list[Finding] = []  # findings of moves made (or, read-only, foreseen) so far
+    moves: list[Finding] = rebuilt  # findings of moves made (or, read-only, foreseen) so far
     for attempt in range(_MAX_PASSES):
         names = _listing(fs, segdir, excluded, virtual)
         p = _Pass(fs, directory, cp, marker, marker_damage, mode, readonly, reported, names)
@@ -214,7 +214,7 @@ def _listing(fs: FileSystem, segdir: str, excluded: set[str],
 
 
 def _load_checkpoint(fs: FileSystem, directory: str, segdir: str, mode: str,
-                     readonly: bool) -> Checkpoint:
+                     readonly: bool) -> tuple[Checkpoint, list[Finding]]:
     names = sorted((first, n) for n in fs.listdir(segdir)
                    if (first := parse_segment_name(n)) is not None)
     cp_path = os.path.join(directory, CHECKPOINT_FILE)
@@ -223,26 +223,27 @@ def _load_checkpoint(fs: FileSystem, directory: str, segdir: str, mode: str,
             if not fs.exists(cp_path):
                 raise CorruptLog(
                     cp_path, 0, "checkpoint file is missing but segments exist (was it deleted?)")
-            return read_checkpoint(fs, cp_path)
+            return read_checkpoint(fs, cp_path), []
         except CorruptLog as ex:
-            if mode != "quarantine" or readonly:
-                raise
-            return _rebuild_checkpoint(fs, directory, segdir, names, ex)
+            if mode == "raise" or (readonly and mode != "report"):
+                raise  # (a follower does not rebuild what its writer may still need)
+            return _rebuild_checkpoint(fs, directory, segdir, names, ex, mode, readonly)
     cp = Checkpoint(uuid.uuid4())
     if not readonly:  # a reader changes nothing, not even a brand-new directory
         if fs.exists(os.path.join(directory, SYNCED_FILE)):
             fs.unlink(os.path.join(directory, SYNCED_FILE))  # a former log's
         write_checkpoint(fs, cp_path, cp)
-    return cp
+    return cp, []
 
 
 def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
-                        names: list[tuple[int, str]], cause: CorruptLog) -> Checkpoint:
+                        names: list[tuple[int, str]], cause: CorruptLog, mode: str,
+                        readonly: bool) -> tuple[Checkpoint, list[Finding]]:
     """Quarantine repair of a damaged or missing checkpoint: assume nothing was delivered.
 
     Everything still in the log is delivered again (an idempotent sink drops the
     duplicates); the running totals restart from zero. The log id comes from the
-    first segment header that is intact.
+    first segment header that is intact. Read-only, only say so.
     """
     log_id = None
     for _first, name in names:
@@ -255,14 +256,18 @@ def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
                          f"{cause.reason}, and no segment header names the log id to rebuild it")
     cp = Checkpoint(log_id, names[0][0] - 1 if names else 0)
     path = os.path.join(directory, CHECKPOINT_FILE)
+    what = f"{cause.reason}; everything from seq {cp.seq + 1} on is delivered again"
+    if readonly:
+        return cp, [Finding(path, cause.offset, 0, f"{what} once a repair rebuilds it", None,
+                            "corrupt")]
     qdir = os.path.join(directory, QUARANTINE_DIR)
     fs.makedirs(qdir)
     if fs.exists(path):
         fs.write_file(os.path.join(qdir, f"checkpoint@{int(time.time())}.bad"), fs.read_file(path))
     write_checkpoint(fs, path, cp)
-    log.error("walbatch recovery: rebuilt %s (%s): everything from seq %d on is delivered "
-              "again", path, cause.reason, cp.seq + 1)
-    return cp
+    finding = Finding(path, cause.offset, 0, f"rebuilt: {what}", None, "quarantined")
+    log.error("walbatch recovery: %s", finding.describe())
+    return cp, [finding]
 
 
 @dataclass
@@ -285,6 +290,8 @@ class _Pass:
     """Runs of missing seqs above the floor (a misplaced segment may fill one)."""
     misplaced: list[_Misplaced] = field(default_factory=list)
     segments: list[SegmentInfo] = field(default_factory=list)
+    held: list[tuple[int, int]] = field(default_factory=list)
+    """The seqs of the first and last frame of each in-place segment."""
     raw: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -313,6 +320,7 @@ class _Pass:
                 continue
             if scan.frames:
                 self.end = max(self.end, max(f.last_seq for f in scan.frames))
+                self.held.append((scan.frames[0].first_seq, max(f.last_seq for f in scan.frames)))
             if pending is not None:
                 kept = self._segment(*pending, next_first=first, covered_ok=not kept) or kept
             pending = (first, path, data, scan)
@@ -326,8 +334,8 @@ class _Pass:
         if not scan.frames:
             return "in place"
         f0 = scan.frames[0]
-        if f0.first_seq < first or f0.first_seq <= self.end:
-            return "misplaced"  # seqs before its name, or that an earlier segment holds
+        if f0.first_seq < first or (f0.first_seq <= self.end and self.end > self.floor):
+            return "misplaced"  # seqs before its name, or undelivered ones an earlier segment holds
         if f0.offset == HEADER_SIZE and f0.first_seq != first:
             return "misplaced"  # nothing before its first frame hides seqs from its name on
         return "in place"
@@ -605,13 +613,15 @@ class _Pass:
         taken = {first for first, _p in self.names} - {m.name_seq for m in self.misplaced}
         plan = []
         for c in sorted(candidates, key=lambda c: c.lo):
-            fits = any(a <= c.lo and c.hi <= b for a, b in self.gaps)
-            if fits and c.hi > self.floor and c.proper not in taken:
+            lo = max(c.lo, self.floor + 1)  # what it holds of the undelivered log
+            fits = c.hi >= lo and any(a <= lo and c.hi <= b for a, b in self.gaps) and not any(
+                max(lo, a) <= min(c.hi, b) for a, b in self.held)
+            if fits and c.proper not in taken:
                 plan.append(c)
                 taken.add(c.proper)
-                self.gaps = [(a, b) for a, b in self.gaps if not (a <= c.lo <= b)] + [
-                    g for a, b in self.gaps if a <= c.lo <= b
-                    for g in ((a, c.lo - 1), (c.hi + 1, b)) if g[0] <= g[1]]
+                self.gaps = [(a, b) for a, b in self.gaps if not (a <= lo <= b)] + [
+                    g for a, b in self.gaps if a <= lo <= b
+                    for g in ((a, lo - 1), (c.hi + 1, b)) if g[0] <= g[1]]
         return plan
 
     def misplaced_finding(self, m: _Misplaced, restored: bool, moved_to: str = "") -> Finding:
@@ -676,6 +686,8 @@ class _Pass:
                                      "bytes_file": f"{os.path.basename(f.path)}@{f.offset}.bad"},
                                     raw))
             for f in moves:
+                if f.action not in ("moved", "restored"):
+                    continue
                 entries.append(({"segment": os.path.basename(f.path), "offset": 0, "length": 0,
                                  "reason": f.reason, "lost_seqs": None, "bytes_file": None,
                                  "moved": f.action}, None))
