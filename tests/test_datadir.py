@@ -239,6 +239,11 @@ def test_check_private_refuses_directories_others_can_write_and_says_what_to_fix
     with pytest.raises(UnsafeDataDir):
         check_private(str(d))
     d.chmod(0o755)
+    (d / "segments").mkdir(mode=0o777)
+    (d / "segments").chmod(0o777)
+    with pytest.raises(UnsafeDataDir, match=f"chmod go-w {d / 'segments'}"):
+        check_private(str(d))  # and the directories walbatch keeps inside
+    (d / "segments").chmod(0o755)
     sub = d / "deeper" / "log"  # not there yet: where it would be made decides
     check_private(str(sub))
     d.chmod(0o777)
@@ -278,6 +283,18 @@ def serve(data: Path, sock: Path, *args: str) -> subprocess.CompletedProcess[str
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=WAIT)
+
+
+def test_directories_walbatch_makes_are_not_group_writable_whatever_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        with DurableBatcher(tmp_path / "log", None, strict_modes=True) as b:
+            b.submit(1)
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "log", tmp_path / "log" / "segments"):
+        assert not p.stat().st_mode & 0o022, oct(p.stat().st_mode)
+    check_private(str(tmp_path / "log"))
 
 
 def test_the_daemon_refuses_a_data_or_socket_directory_others_can_write(tmp_path):

@@ -255,7 +255,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
         raise click.BadParameter(f"{socket_mode!r} is not an octal mode from 0000 to 0777",
                                  param_hint="--socket-mode")
     opts = _options_from(kwargs)
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o755, exist_ok=True)  # (mode: not group-writable, whatever the umask)
     socket_path = socket_path or os.path.join(data_dir, "walbatch.sock")
     opts["strict_modes"] = strict_modes
     if strict_modes and not os.environ.get("LISTEN_FDS"):  # systemd's socket: its own business

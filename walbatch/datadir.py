@@ -39,8 +39,9 @@ def is_log_dir(directory: str) -> bool:
 def check_private(directory: str, what: str = "data directory") -> None:
     """Refuse ``directory`` if a user other than this process's (or root) can write to it.
 
-    Checks the directory itself and every directory above it: each must be owned
-    by root or by the effective user, and writable by no one else. A directory
+    Checks the directory itself, every directory above it and the directories
+    walbatch keeps in it: each must be owned by root or by the effective user,
+    and writable by no one else. A directory
     above it that others can write to is allowed only with the sticky bit set
     (``/tmp``): others can then not rename or delete what is in it. The
     directory itself must not be writable by others even with the sticky bit:
@@ -56,6 +57,10 @@ def check_private(directory: str, what: str = "data directory") -> None:
         paths.append(real)  # the symlink's directory and the target's both matter
     for p in paths:
         _check_chain(p, what, uid)
+    for sub in (SEGMENTS_DIR, QUARANTINE_DIR):  # where walbatch keeps its files, inside
+        p = os.path.join(real, sub)
+        if os.path.isdir(p) and not os.path.islink(p):
+            _check_one(p, os.lstat(p), what, uid, p)
 
 
 def _check_chain(path: str, what: str, uid: int) -> None:

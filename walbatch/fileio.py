@@ -271,7 +271,9 @@ class OsFileSystem:
         return os.listdir(path)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        # Never writable by group or others, whatever the umask (a umask of 002 is
+        # common): they could plant files where walbatch looks for its own.
+        os.makedirs(path, mode=0o755, exist_ok=True)
         if os.path.islink(path):
             raise UnsafeDataDir(f"{path} is a symbolic link; walbatch makes this directory "
                                 "itself and does not follow a link there: remove it")
