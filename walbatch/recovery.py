@@ -383,7 +383,23 @@ class _Pass:
             self._damage(path, 0, 0, f"records {self.expected}..{first - 1} are missing "
                          "(segment deleted?)", (self.expected, first - 1), gap=True)
             self.expected = first
-        # Walk the segment in file order: damaged ranges and frames alternate.
+        last_seq, damaged_last = self._frames(first, path, data, scan, next_first)
+        size = len(data)
+        if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
+            size, sealed = self._tail(path, data, scan, next_first)
+            damaged_last = damaged_last or sealed
+        if next_first is not None and next_first > self.expected:
+            self._damage(path, size, 0, f"records {self.expected}..{next_first - 1} are missing",
+                         (self.expected, next_first - 1), gap=True)
+            self.expected = next_first
+        self.segments.append(SegmentInfo(first, path, size, max(last_seq, self.expected - 1),
+                                         sealed=damaged_last or bool(scan.header_error)))
+        return True
+
+    def _frames(self, first: int, path: str, data: bytes, scan: SegmentScan,
+                next_first: int | None) -> tuple[int, bool]:
+        """Walk a segment's frames and damaged ranges in file order; return (its last
+        seq, whether the damage reaches its end)."""
         pieces: list[tuple[int, Frame | Damage]] = [(f.offset, f) for f in scan.frames]
         pieces += [(d.offset, d) for d in scan.damage]
         if scan.header_error:
@@ -447,18 +463,8 @@ class _Pass:
             self._damage(path, d.offset, d.end - d.offset, reason, seqs, data[d.offset:d.end])
             if seqs:
                 self.expected = seqs[1] + 1
-            damaged_last = is_last
-        size = len(data)
-        if scan.tail_at is not None and scan.tail_at >= HEADER_SIZE:
-            size, sealed = self._tail(path, data, scan, next_first)
-            damaged_last = damaged_last or sealed
-        if next_first is not None and next_first > self.expected:
-            self._damage(path, size, 0, f"records {self.expected}..{next_first - 1} are missing",
-                         (self.expected, next_first - 1), gap=True)
-            self.expected = next_first
-        self.segments.append(SegmentInfo(first, path, size, max(last_seq, self.expected - 1),
-                                         sealed=damaged_last or bool(scan.header_error)))
-        return True
+            damaged_last = next_first is None
+        return last_seq, damaged_last
 
     def _tail(self, path: str, data: bytes, scan: SegmentScan,
               next_first: int | None) -> tuple[int, bool]:
@@ -550,8 +556,9 @@ class _Pass:
                 seqs: tuple[int, int] | None, raw: bytes = b"", gap: bool = False) -> None:
         """Record damage (or, with ``gap``, missing records) hiding ``seqs``."""
         floor = self.floor
-        if gap and seqs is not None and seqs[1] > floor:
-            self.gaps.append(seqs)
+        reported = self.reported.covers(os.path.basename(path), offset, seqs)
+        if gap and seqs is not None and seqs[1] > floor and not reported:
+            self.gaps.append(seqs)  # (seqs an earlier repair gave up stay given up)
         if seqs is not None and seqs[0] <= floor:
             below = (seqs[0], min(seqs[1], floor))
             why = "already delivered" if floor == self.cp.seq else (
@@ -562,7 +569,7 @@ class _Pass:
             if seqs[1] <= floor:
                 return
             seqs = (floor + 1, seqs[1])
-        if self.reported.covers(os.path.basename(path), offset, seqs):
+        if reported or self.reported.covers(os.path.basename(path), offset, seqs):
             action = "quarantined"
         elif self.mode == "raise":
             raise CorruptLog(path, offset, reason, seqs)
