@@ -297,6 +297,18 @@ def test_directories_walbatch_makes_are_not_group_writable_whatever_the_umask(tm
     check_private(str(tmp_path / "log"))
 
 
+def test_the_daemon_does_not_let_its_default_sqlite_sink_follow_a_planted_link(tmp_path):
+    data, sockdir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    sockdir.mkdir()
+    target = tmp_path / "anywhere.db"  # SQLite would create it, as root, wherever it points
+    (data / "walbatch.db").symlink_to(target)
+    result = serve(data, sockdir / "s.sock")
+    assert result is not None and result.returncode == 1
+    assert "walbatch.db is a symbolic link" in result.stderr
+    assert not target.exists()
+
+
 def test_the_daemon_refuses_a_data_or_socket_directory_others_can_write(tmp_path):
     data, sockdir = tmp_path / "data", tmp_path / "run"
     data.mkdir(mode=0o770)

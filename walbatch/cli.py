@@ -265,8 +265,13 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
             check_private(os.path.dirname(os.path.abspath(socket_path)), "socket directory")
         except WalbatchError as ex:
             raise _fail(ex) from None
-    sink = sink or f"sqlite:///{os.path.abspath(os.path.join(data_dir, 'walbatch.db'))}"
+    default_db = os.path.abspath(os.path.join(data_dir, "walbatch.db"))
     try:
+        if not sink:  # the default sink keeps its database in the data directory too
+            from .datadir import check_sqlite_files
+
+            check_sqlite_files(default_db)
+            sink = f"sqlite:///{default_db}"
         batcher = DurableBatcher(data_dir, sink, **opts)
     except (WalbatchError, ValueError, TypeError, ImportError, AttributeError, OSError) as ex:
         raise _fail(ex) from None
