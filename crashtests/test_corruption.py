@@ -2,7 +2,8 @@
 
 Each case builds a small log on real files (several segments, part of it already
 delivered), damages one file (bit flips, truncation, a zeroed or overwritten range,
-appended garbage) and opens it with a recording sink. Allowed outcomes:
+appended garbage) or puts segment files out of place (two swapped, one copied or
+renamed to another name), and opens it with a recording sink. Allowed outcomes:
 
 - CorruptLog naming the damaged file and an offset inside it; then the repair that
   `walbatch verify --repair` runs reports the seqs it gave up, and a fresh open
@@ -26,6 +27,7 @@ import tempfile
 from walbatch import CorruptLog, DurableBatcher
 from walbatch.dlq import DeadLetterStore, list_dead_letters, record_lost
 from walbatch.log import Log
+from walbatch.segment import parse_segment_name, segment_name
 
 
 def build(directory: str, rng) -> tuple[dict[int, object], int]:
@@ -78,6 +80,39 @@ def damage(path: str, rng) -> str:
     return kind
 
 
+def misplace(segdir: str, segs: list[str], rng) -> str:
+    """Put segment files out of place, as a restore from a backup might: return the kind."""
+    kind = rng.choice(["swap", "copy", "rename"])
+    names = [os.path.join(segdir, s) for s in segs]
+    taken = {parse_segment_name(s) for s in segs}
+    fresh = rng.choice([n for n in range(1, max(taken) + 50) if n not in taken])
+    src = rng.choice(names)
+    if kind == "swap":
+        a, b = rng.sample(names, 2)
+        data_a, data_b = open(a, "rb").read(), open(b, "rb").read()
+        open(a, "wb").write(data_b)
+        open(b, "wb").write(data_a)
+    elif kind == "copy":
+        shutil.copy(src, os.path.join(segdir, segment_name(fresh)))
+    else:
+        os.rename(src, os.path.join(segdir, segment_name(fresh)))
+    return kind
+
+
+def read_everything(directory: str) -> set[int]:
+    """Read every record as `walbatch dump` does; return the seqs a repair gives up.
+
+    A reader never trips over what the read-only recovery did not report.
+    """
+    log = Log.open(directory, readonly=True, on_corruption="report")
+    try:
+        for _ in log.records():
+            pass
+        return {s for r in log.lost for s in range(r.first, r.last + 1)}
+    finally:
+        log.close()
+
+
 def one_case(rng, counts: dict[str, int]) -> None:
     directory = tempfile.mkdtemp(prefix="walbatch-corrupt-")
     try:
@@ -88,7 +123,11 @@ def one_case(rng, counts: dict[str, int]) -> None:
         if os.path.exists(os.path.join(directory, "dlq.db")):
             targets.append(os.path.join(directory, "dlq.db"))
         target = rng.choice(targets)
-        damage(target, rng)
+        if len(segs) > 1 and rng.random() < 0.15:  # or whole segment files out of place
+            counts[misplace(os.path.join(directory, "segments"), segs, rng)] += 1
+            target = os.path.join(directory, "segments")
+        else:
+            damage(target, rng)
         got: dict[int, object] = {}
 
         def sink(batch):
@@ -106,8 +145,13 @@ def one_case(rng, counts: dict[str, int]) -> None:
             assert ex.path == target or ex.path.startswith(os.path.join(directory, "segments")), ex
             if target.endswith("dlq.db"):
                 return  # the log is intact; dlq.db needs sqlite's own recovery
+            foreseen = read_everything(directory)  # walbatch verify and dump
             log = Log.open(directory, on_corruption="quarantine")  # walbatch verify --repair
             reported = {s for r in log.lost for s in range(r.first, r.last + 1)}
+            assert reported == foreseen, "verify and verify --repair disagree about the lost seqs"
+            assert not {s for s in read_everything(directory) if s > cp} - reported
+            if target.endswith("segments"):  # out of place, not damaged: nothing to give up
+                assert not {s for s in reported if s > cp}, sorted(reported)[:10]
             store = DeadLetterStore.for_dir(directory)
             record_lost(store, log)
             store.close()
@@ -127,6 +171,7 @@ def one_case(rng, counts: dict[str, int]) -> None:
             assert reported - {s for s in reported if s <= cp} <= dead | set(range(0, cp + 1))
             counts["repaired_lost"] += len(reported)
             return
+        read_everything(directory)  # dump reads what the open accepted
         missing = sorted(s for s in undelivered if s not in got)
         if missing:
             # Only a torn-tail trim may lose items, and only a suffix of the log.
@@ -143,7 +188,7 @@ def one_case(rng, counts: dict[str, int]) -> None:
 
 def test_corruption_is_detected_or_trimmed_never_delivered(scenario):
     counts = {"cases": 0, "detected": 0, "trimmed": 0, "trimmed_items": 0, "harmless": 0,
-              "repaired_lost": 0, "damaged": 0}
+              "repaired_lost": 0, "damaged": 0, "swap": 0, "copy": 0, "rename": 0}
     for _ in range(scenario.iterations(150)):
         counts["cases"] += 1
         one_case(scenario.rng, counts)

@@ -353,9 +353,12 @@ def test_verify_finds_a_flipped_byte_in_a_sealed_segment_and_repair_goes_past_it
     assert str(sealed) in out and f"offset {offset}" in out
     assert f"seqs {bad_seq}..{bad_seq}" in out
     assert "verify --repair" in result.stderr
-    finding = json.loads(wb("verify", "--data-dir", data, "--json", code=3).stdout)
-    assert (finding["path"], finding["offset"], finding["seqs"]) == (str(sealed), offset,
-                                                                     [bad_seq, bad_seq])
+    report = json.loads(wb("verify", "--data-dir", data, "--json", code=3).stdout)  # one object
+    assert (report["intact"], report["repaired"], report["lost_seqs"]) == (
+        False, False, [[bad_seq, bad_seq]])
+    [finding] = report["findings"]
+    assert (finding["path"], finding["offset"], finding["seqs"], finding["action"]) == (
+        str(sealed), offset, [bad_seq, bad_seq], "corrupt")
     assert "damaged" in wb("replay", "--dry-run", "--data-dir", data, "--sink", "x", code=3).stdout
     # The daemon refuses to start on a damaged log, in one line.
     result = wb("serve", "--data-dir", data, "--socket", tmp_path / "s.sock", code=1)

@@ -20,6 +20,7 @@ from .errors import (
     PermanentSinkError,
     ResultDropped,
     SinkError,
+    UnsafeDataDir,
     WalbatchError,
 )
 from .options import Options
@@ -51,6 +52,7 @@ __all__ = [
     "Record",
     "SinkError",
     "Stats",
+    "UnsafeDataDir",
     "WalbatchError",
     "__version__",
     "combine",

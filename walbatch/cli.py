@@ -26,8 +26,8 @@ import msgpack
 
 from . import __version__, values
 from .durable import DurableBatcher
-from .errors import LogLocked, WalbatchError, format_seqs
-from .keys import Keyed, check_key
+from .errors import WalbatchError, format_seqs
+from .keys import check_key
 from .log import Log
 from .options import MAX_SECONDS, Options
 
@@ -129,7 +129,7 @@ def batcher_options(f):  # type: ignore[no-untyped-def]
     """Add one flag per Options field (env WALBATCH_<NAME>, config key <name>)."""
     docs = _field_docs(Options)
     for fld in reversed(dataclasses.fields(Options)):
-        if fld.name == "permanent_errors":
+        if fld.name in ("permanent_errors", "strict_modes"):  # strict_modes: serve's own flag
             continue
         if fld.name in _SIZE_OPTIONS:
             ptype: Any = Size()
@@ -226,10 +226,14 @@ def _fail(ex: BaseException) -> click.ClickException:
               help="On SIGTERM/SIGINT, deliver for at most this long, then exit leaving the rest in the log.")
 @click.option("--log-level", default="info", show_default=True, envvar="WALBATCH_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--strict-modes/--no-strict-modes", default=True, show_default=True,
+              envvar="WALBATCH_STRICT_MODES", show_envvar=True,
+              help="Refuse a data or socket directory that another user can write to.")
 @batcher_options
 def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode: str,
           socket_group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
-          max_frame_bytes: int, shutdown_timeout: float, log_level: str, **kwargs: Any) -> None:
+          max_frame_bytes: int, shutdown_timeout: float, log_level: str, strict_modes: bool,
+          **kwargs: Any) -> None:
     """Run the daemon: take items over a Unix socket, fsync, batch them to the sink.
 
     Every setting is a flag, a WALBATCH_* environment variable or a key in the
@@ -251,10 +255,23 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
         raise click.BadParameter(f"{socket_mode!r} is not an octal mode from 0000 to 0777",
                                  param_hint="--socket-mode")
     opts = _options_from(kwargs)
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o755, exist_ok=True)  # (mode: not group-writable, whatever the umask)
     socket_path = socket_path or os.path.join(data_dir, "walbatch.sock")
-    sink = sink or f"sqlite:///{os.path.abspath(os.path.join(data_dir, 'walbatch.db'))}"
+    opts["strict_modes"] = strict_modes
+    if strict_modes and not os.environ.get("LISTEN_FDS"):  # systemd's socket: its own business
+        from .datadir import check_private
+
+        try:
+            check_private(os.path.dirname(os.path.abspath(socket_path)), "socket directory")
+        except WalbatchError as ex:
+            raise _fail(ex) from None
+    default_db = os.path.abspath(os.path.join(data_dir, "walbatch.db"))
     try:
+        if not sink:  # the default sink keeps its database in the data directory too
+            from .datadir import check_sqlite_files
+
+            check_sqlite_files(default_db)
+            sink = f"sqlite:///{default_db}"
         batcher = DurableBatcher(data_dir, sink, **opts)
     except (WalbatchError, ValueError, TypeError, ImportError, AttributeError, OSError) as ex:
         raise _fail(ex) from None
@@ -297,9 +314,9 @@ def _no_daemon(ex: BaseException) -> bool:
 
 def _require_log_dir(data_dir: str) -> None:
     """Refuse a directory that holds no log (a mistyped --data-dir must not become a new one)."""
-    from .log import CHECKPOINT_FILE, SEGMENTS_DIR
+    from .datadir import is_log_dir
 
-    if not any(os.path.exists(os.path.join(data_dir, n)) for n in (CHECKPOINT_FILE, SEGMENTS_DIR)):
+    if not is_log_dir(data_dir):
         raise click.ClickException(f"{os.path.abspath(data_dir)} is not a walbatch log directory "
                                    "(no checkpoint and no segments)")
 
@@ -400,7 +417,8 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
 @_socket_option()
 @click.option("--live", is_flag=True, help="Ask the running daemon (its socket) instead of "
               "reading the directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (its shape: docs/cli.md), nothing else.")
 def status(data_dir: str, socket_path: str | None, live: bool, as_json: bool) -> None:
     """Show a log's segments, seq range, checkpoint, backlog, dead letters and damage.
 
@@ -421,27 +439,18 @@ def status(data_dir: str, socket_path: str | None, live: bool, as_json: bool) ->
                 raise _fail(ex) from None
         _print_mapping(info, as_json)
         return
-    log_ = _open_readonly(data_dir)
+    from . import admin
+
     try:
-        segs = log_.segments()
-        cp = log_.checkpoint
-        dead = _count_dead(data_dir)
-        info = {
-            "data_dir": log_.directory,
-            "log_id": str(log_.log_id),
-            "segments": len(segs),
-            "bytes": sum(s.size for s in segs),
-            "first_seq": log_.first_seq(),
-            "last_seq": log_.synced_seq,
-            "checkpoint": cp.seq,
-            "backlog": max(0, log_.synced_seq - cp.seq),
-            "delivered": cp.delivered,
-            "dead_letters": dead,
-            "locked_by_a_writer": _is_locked(data_dir),
-            "damage": [f.describe() for f in log_.findings],
-        }
-    finally:
-        log_.close()
+        report = admin.status(data_dir)
+    except (FileNotFoundError, WalbatchError) as ex:
+        raise _fail(ex) from None
+    info = report.to_dict()
+    if not as_json:
+        del info["findings"]  # the text form shows them as "damage" lines
+        info["dead_letters"] = (info["dead_letters"] if info["dead_letters"] is not None
+                                else f"unknown ({info['dead_letters_error']})")
+        del info["dead_letters_error"]
     _print_mapping(info, as_json)
 
 
@@ -457,27 +466,6 @@ def _print_mapping(info: dict[str, Any], as_json: bool) -> None:
         elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         click.echo(f"{key.ljust(width)}  {value}")
-
-
-def _count_dead(data_dir: str) -> int | str:
-    from .dlq import DLQ_FILE, DeadLetterStore
-
-    if not os.path.exists(os.path.join(data_dir, DLQ_FILE)):
-        return 0
-    try:
-        store = DeadLetterStore.for_dir(data_dir)
-    except OSError as ex:  # e.g. another user's store: the rest of the status still stands
-        return f"unknown ({ex})"
-    try:
-        return store.count()
-    finally:
-        store.close()
-
-
-def _is_locked(data_dir: str) -> bool:
-    from .requeue import writer_running
-
-    return writer_running(data_dir)
 
 
 @cli.command()
@@ -600,72 +588,50 @@ def _follow(data_dir: str, sink: str, opts: dict[str, Any]) -> None:
 @click.option("--repair", is_flag=True,
               help="Trim torn tails and move damaged ranges aside (the daemon must be stopped); "
                    "lists exactly which seqs were lost and records them as dead letters.")
-@click.option("--json", "as_json", is_flag=True, help="Print findings as JSON lines.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (its shape: docs/cli.md), nothing else.")
 def verify(data_dir: str, repair: bool, as_json: bool) -> None:
     """Check every record's checksum; report damage by file and offset.
 
     Exit code 0 when the log is intact (a torn tail is not damage: the next
-    open trims it), 3 when it is damaged. With --repair, damaged ranges are
-    copied to DATA_DIR/quarantine/ and the log goes on without them.
+    open trims it), 3 when it is damaged: a damaged range, missing records, or a
+    segment file out of place (another log's, a duplicate, one under the wrong
+    name). With --repair, damaged ranges are copied to DATA_DIR/quarantine/,
+    misplaced segments moved there (or back under their right name), and the
+    log goes on; the seqs it gave up are listed and recorded as dead letters.
 
     \b
     Example:
         walbatch verify --data-dir /var/lib/walbatch && echo intact
     """
-    from .dlq import DeadLetterStore, record_lost
+    from . import admin
 
-    _require_log_dir(data_dir)
+    try:
+        report = admin.verify(data_dir, repair=repair)
+    except (FileNotFoundError, WalbatchError) as ex:
+        raise _fail(ex) from None
+    if as_json:
+        click.echo(_dumps(report.to_dict()))
+        sys.exit(report.exit_code)
+    for f in report.findings:
+        click.echo(f.describe())
+    if report.error:
+        click.echo(report.error, err=True)
+    lost = list(report.lost_seqs())
     if repair:
-        try:
-            log_ = Log.open(data_dir, on_corruption="quarantine")
-        except LogLocked as ex:
-            raise click.ClickException(f"{ex} (stop the daemon before --repair)") from None
-        except (FileNotFoundError, WalbatchError) as ex:
-            raise _fail(ex) from None
-        try:
-            store = DeadLetterStore.for_dir(data_dir)
-            try:
-                record_lost(store, log_)
-            finally:
-                store.close()
-        finally:
-            log_.close()
-    else:
-        log_ = _open_readonly(data_dir)
-        log_.close()
-    findings = log_.findings
-    decode_error = None
-    if not repair:
-        check = _open_readonly(data_dir)
-        try:
-            for _ in check.records(check.checkpoint.seq + 1):
-                pass
-        except WalbatchError as ex:
-            decode_error = str(ex)
-        finally:
-            check.close()
-    for f in findings:
-        if as_json:
-            click.echo(_dumps(dataclasses.asdict(f)))
-        else:
-            click.echo(f.describe())
-    if decode_error:
-        click.echo(decode_error, err=True)
-    lost = sorted({s for r in log_.lost for s in range(r.first, r.last + 1)})
-    corrupt = [f for f in findings if f.action == "corrupt"] or ([1] if decode_error else [])
-    if repair:
-        click.echo(f"repaired: {len(findings)} finding(s); lost seqs: "
+        click.echo(f"repaired: {len(report.findings)} finding(s); lost seqs: "
                    f"{format_seqs(lost) if lost else 'none'}")
-    elif corrupt:
-        click.echo(f"DAMAGED: {len(corrupt)} damaged range(s); run `walbatch verify --repair`",
-                   err=True)
-        sys.exit(3)
+    elif not report.intact:
+        damaged = sum(f.action == "corrupt" for f in report.findings) or 1
+        click.echo(f"DAMAGED: {damaged} damaged range(s)"
+                   + (f", seqs {format_seqs(lost)} unreadable" if lost else "")
+                   + "; run `walbatch verify --repair`", err=True)
     else:
-        harmless = sum(f.action == "ignored" for f in findings)
-        click.echo(f"intact: seqs {log_.first_seq()}..{log_.synced_seq}, "
-                   f"checkpoint {log_.checkpoint.seq}"
-                   + (f" ({harmless} damaged range(s) in delivered records, harmless)"
-                      if harmless else ""))
+        click.echo(f"intact: seqs {report.first_seq}..{report.last_seq}, "
+                   f"checkpoint {report.checkpoint}"
+                   + (f" ({report.harmless} damaged range(s) in delivered records, harmless)"
+                      if report.harmless else ""))
+    sys.exit(report.exit_code)
 
 
 @cli.command()
@@ -683,27 +649,25 @@ def dump(data_dir: str, from_seq: int | None, to_seq: int | None, pending: bool)
     Example:
         walbatch dump --data-dir /var/lib/walbatch --from 1000 --to 1010
     """
+    from . import admin
+
     if from_seq is not None and to_seq is not None and from_seq > to_seq:
         raise click.BadParameter(f"--from {from_seq} is after --to {to_seq}", param_hint="--from")
-    log_ = _open_readonly(data_dir)
-    if pending:
-        from_seq = max(from_seq or 1, log_.checkpoint.seq + 1)
     try:
-        for seq, item, lost in log_.records(from_seq, to_seq):
-            if lost:
-                click.echo(_dumps({"seq": seq, "lost": True}))
-            elif isinstance(item, Keyed):
-                click.echo(_dumps({"seq": seq, "key": item.key, "item": item.item}))
-            else:
-                click.echo(_dumps({"seq": seq, "item": item}))
+        records = admin.dump(data_dir, from_seq, to_seq, pending)
+    except (FileNotFoundError, WalbatchError) as ex:
+        raise _fail(ex) from None
+    try:
+        for record in records:
+            click.echo(_dumps(record.to_dict()))
     except WalbatchError as ex:
         raise _fail(ex) from None
     finally:
-        log_.close()
-    corrupt = [f for f in log_.findings if f.action == "corrupt"]
-    if corrupt:  # damaged, not yet repaired: the "lost" lines above are unreadable records
-        for f in corrupt:
-            click.echo(f.describe(), err=True)
+        records.close()
+    if not records.intact:  # damaged, not yet repaired: the "lost" lines above are unreadable
+        for f in records.findings:
+            if f.action == "corrupt":
+                click.echo(f.describe(), err=True)
         click.echo("DAMAGED: run `walbatch verify --repair`", err=True)
         sys.exit(3)
 

@@ -20,6 +20,7 @@ import msgpack
 import sqlite_utils
 
 from .codec import unpack_one
+from .datadir import check_sqlite_files
 from .errors import CorruptLog
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class DeadLetterStore:
 
         self.path = path
         self._lock = threading.Lock()
+        check_sqlite_files(path)  # SQLite follows symlinks; walbatch does not
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.DatabaseError as ex:

@@ -23,6 +23,7 @@ import msgpack
 from . import values
 from .checkpoint import Checkpoint
 from .commit import GroupCommitter
+from .datadir import check_private
 from .delivery import Delivery, Stats, close_sink
 from .dlq import DeadLetterStore
 from .errors import Closed, LogFull
@@ -259,6 +260,8 @@ class DurableBatcher:
                             f"valid options: {', '.join(Options.names())}")
         self.options = opts = Options(**options)
         self.directory = os.path.abspath(os.fspath(directory))
+        if opts.strict_modes:
+            check_private(self.directory)
         self._sink = None if sink is None else resolve_sink(sink)
         try:
             self._log = Log.open(self.directory, fs=_fs, segment_bytes=opts.segment_bytes,

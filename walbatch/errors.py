@@ -22,6 +22,16 @@ class LogLocked(WalbatchError):
     """
 
 
+class UnsafeDataDir(WalbatchError):
+    """The data directory (or a file in it) is not safe to use, and was not used.
+
+    Another user can write to it (the daemon's strict-modes check), or a file
+    walbatch keeps there is a symbolic link or not a regular file: something
+    walbatch never makes, which it refuses to follow. The message names the
+    path and what to fix. Nothing was written through it.
+    """
+
+
 class CorruptLog(WalbatchError):
     """Damage found before the tail of the log (or in a file the log depends on).
 

@@ -61,6 +61,11 @@ class Options:
     """``raise``: damage before the tail raises CorruptLog on open.
     ``quarantine``: move damaged bytes to ``quarantine/``, report the lost seqs
     (as dead letters) and go on."""
+    strict_modes: bool = False
+    """Refuse a data directory that a user other than this process's (or root)
+    can write to, or that lies under one (as ssh's StrictModes): such a user could
+    delete the lock or plant links for walbatch to write through. The daemon
+    turns it on (``walbatch serve --no-strict-modes`` turns it off)."""
 
     # -- delivery failures ------------------------------------------------
     retry_initial_delay: float = 0.1
@@ -120,6 +125,8 @@ class Options:
         if self.combine is not None and not callable(self.combine):
             raise TypeError(f"combine must be a callable taking a batch, not "
                             f"{type(self.combine).__name__}")
+        if not isinstance(self.strict_modes, bool):
+            raise ValueError(f"strict_modes must be True or False, not {self.strict_modes!r}")
         if not isinstance(self.adaptive_batching, bool):
             raise ValueError(f"adaptive_batching must be True or False, not {self.adaptive_batching!r}")
 

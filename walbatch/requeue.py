@@ -18,23 +18,14 @@ from .dlq import DeadLetterStore
 from .durable import DurableBatcher
 from .errors import WalbatchError
 from .fileio import OsFileSystem
-from .log import LOCK_FILE
+from .lock import is_locked
 
 SOCKET_FILE = "walbatch.sock"
 
 
 def writer_running(data_dir: str) -> bool:
     """True if a process holds the log's writer lock (a daemon or an embedded batcher)."""
-    path = os.path.join(data_dir, LOCK_FILE)
-    if not os.path.exists(path):  # every writer makes it; asking must not create it
-        return False
-    try:
-        OsFileSystem().lock(path).release()
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    return is_locked(OsFileSystem(), os.path.abspath(data_dir))
 
 
 def requeue(data_dir: str | os.PathLike[str], seqs: Sequence[int] | None = None, *,

@@ -27,6 +27,22 @@ def parse_segment_name(name: str) -> int | None:
 
 
 @dataclass(slots=True)
+class SegmentInfo:
+    """What an open log knows about one of its segments."""
+
+    first_seq: int
+    """Where the segment stands in the log: the first seq it was created to hold
+    (its file name, once recovery has put every segment in its place)."""
+    path: str
+    size: int
+    """Durable size: bytes up to the last successful sync."""
+    last_seq: int
+    """Last durable seq in the segment (``first_seq - 1`` while it is empty)."""
+    sealed: bool = False
+    """Never append here again (it is damaged): the next append rolls."""
+
+
+@dataclass(slots=True)
 class Damage:
     """Bytes ``[offset, end)`` of a segment that hold no valid frame."""
 

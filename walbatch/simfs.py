@@ -71,6 +71,16 @@ class _Handle:
                 self.inode.durable = bytes(self.inode.data)
             self.fs.syncs += 1
 
+    def pwrite(self, data: bytes, offset: int) -> None:
+        with self.fs._mu:
+            self._check("write")
+            if len(self.inode.data) < offset:
+                self.inode.data += bytes(offset - len(self.inode.data))
+            self.inode.data[offset : offset + len(data)] = data
+            # Unsynced like any write: crash() keeps the durable content, or a torn
+            # prefix of new bytes where they extend it.
+            self.fs._tick("write")
+
     def truncate(self, size: int) -> None:
         with self.fs._mu:
             self._check("truncate")
@@ -98,6 +108,12 @@ class _Lock:
         with self.fs._mu:
             if self.gen == self.fs.generation:
                 self.fs._locks.discard(self.path)
+
+    def still_held(self) -> bool:
+        with self.fs._mu:
+            if self.gen != self.fs.generation:
+                raise _Dead()  # asked by a thread of the crashed "process"
+            return self.path in self.fs._locks
 
 
 class SimFileSystem:
@@ -157,16 +173,21 @@ class SimFileSystem:
 
     # ------------------------------------------------------------ the seam
 
-    def open_append(self, path: str, dsync: bool = False) -> _Handle:
+    def open_append(self, path: str, dsync: bool = False, exclusive: bool = False) -> _Handle:
         # dsync is not simulated: the handle says so (no ``dsync``), and the log
         # then calls sync() itself, which this layer tracks.
         with self._mu:
             inode = self.names.get(path)
+            if inode is not None and exclusive:
+                raise FileExistsError(errno_mod.EEXIST, "File exists", path)
             if inode is None:
                 self._need_dir(path)
                 self._maybe_fail("create", path)
                 inode = self.names[path] = _Inode()
             return _Handle(self, inode, path)
+
+    def open_write(self, path: str) -> _Handle:
+        return self.open_append(path)  # the handle's pwrite writes in place
 
     def open_read(self, path: str) -> _Handle:
         with self._mu:
@@ -240,7 +261,7 @@ class SimFileSystem:
                 if os.path.dirname(p) == path:
                     self.durable_names[p] = inode
 
-    def lock(self, path: str) -> _Lock:
+    def lock(self, path: str, directory: bool = False) -> _Lock:
         with self._mu:
             if path in self._locks:
                 raise BlockingIOError(errno_mod.EWOULDBLOCK, "locked", path)
