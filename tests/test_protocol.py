@@ -321,4 +321,10 @@ def test_ok_and_error_shapes():
 def test_error_codes_are_the_documented_stable_set():
     assert set(protocol.ERROR_CODES) == {
         "bad_frame", "too_large", "bad_request", "unknown_op", "log_full", "shutting_down",
-        "write_failed", "timeout", "corrupt_log", "forbidden", "internal"}
+        "write_failed", "timeout", "corrupt_log", "forbidden", "busy", "internal", "dead_lettered"}
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    table = doc[doc.index("| code | meaning |"):]
+    assert set(re.findall(r"^\| `(\w+)` \|", table, re.M)) == set(protocol.ERROR_CODES)

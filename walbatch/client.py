@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import protocol
-from .errors import Closed, LogFull, WalbatchError
+from .errors import Closed, DeadLettered, LogFull, WalbatchError
 
 
 class RemoteError(WalbatchError):
@@ -49,7 +49,10 @@ class RemoteWriteFailed(RemoteError):
 
 
 class RemoteTimeout(RemoteError, TimeoutError):
-    """A flush did not finish in time (timeout)."""
+    """A flush, or a waiting submit's delivery, did not finish in time (timeout).
+
+    For a waiting submit the items are acknowledged all the same and stay in the log.
+    """
 
 
 class Forbidden(RemoteError, PermissionError):
@@ -127,12 +130,39 @@ class Client:
 
     # --------------------------------------------------------------- calls
 
-    def submit(self, item: Any, key: str | int | bytes | None = None) -> int:
-        return int(self.request(_submit(item, key))["first_seq"])
+    def submit(self, item: Any, key: str | int | bytes | None = None, *, wait: bool = False,
+               timeout: float | None = None) -> Any:
+        """Submit one item; return its seq once the daemon fsync'd it.
 
-    def submit_many(self, items: list[Any], key: str | int | bytes | None = None) -> range:
-        resp = self.request(_submit_many(items, key))
-        return range(resp["first_seq"], resp["first_seq"] + resp["count"])
+        ``wait=True``: return the item's result once it is *delivered* (what the sink
+        returned for it; None if nothing), raising ``DeadLettered`` if the sink refused
+        it, ``RemoteTimeout`` if it was not delivered within ``timeout`` seconds (the
+        daemon's flush timeout by default; the item stays acknowledged).
+        """
+        if not wait:
+            return int(self.request(_submit(item, key))["first_seq"])
+        resp = self.request(_submit(item, key, timeout), wait=self._answer_wait(timeout))
+        return _outcome(resp["first_seq"], resp["results"][0], raise_it=True)
+
+    def submit_many(self, items: list[Any], key: str | int | bytes | None = None, *,
+                    wait: bool = False, timeout: float | None = None) -> Any:
+        """Submit items in one frame and fsync; return their seqs as a range.
+
+        ``wait=True``: return one outcome per item once delivered: its result, or the
+        exception saying why not (``DeadLettered``, ``RemoteTimeout``, ...), in order.
+        """
+        if not wait:
+            resp = self.request(_submit_many(items, key))
+            return range(resp["first_seq"], resp["first_seq"] + resp["count"])
+        resp = self.request(_submit_many(items, key, timeout), wait=self._answer_wait(timeout))
+        return [_outcome(resp["first_seq"] + i, r, raise_it=False)
+                for i, r in enumerate(resp["results"])]
+
+    def _answer_wait(self, timeout: float | None) -> float | None:
+        # A waiting submit answers after delivery: give it the daemon's wait and more.
+        if self.timeout is None:
+            return None
+        return max(self.timeout, (timeout if timeout is not None else 30.0) + 5.0)
 
     def submit_async(self, item: Any, key: str | int | bytes | None = None
                      ) -> Future[dict[str, Any]]:
@@ -286,12 +316,23 @@ class AsyncClient:
         self._connecting = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Any, key: str | int | bytes | None = None) -> int:
-        return int((await self.request(_submit(item, key)))["first_seq"])
+    async def submit(self, item: Any, key: str | int | bytes | None = None, *,
+                     wait: bool = False, timeout: float | None = None) -> Any:
+        """As ``Client.submit``: the seq, or with ``wait=True`` the delivered item's result."""
+        if not wait:
+            return int((await self.request(_submit(item, key)))["first_seq"])
+        resp = await self.request(_submit(item, key, timeout))
+        return _outcome(resp["first_seq"], resp["results"][0], raise_it=True)
 
-    async def submit_many(self, items: list[Any], key: str | int | bytes | None = None) -> range:
-        resp = await self.request(_submit_many(items, key))
-        return range(resp["first_seq"], resp["first_seq"] + resp["count"])
+    async def submit_many(self, items: list[Any], key: str | int | bytes | None = None, *,
+                          wait: bool = False, timeout: float | None = None) -> Any:
+        """As ``Client.submit_many``: a range of seqs, or with ``wait=True`` the outcomes."""
+        if not wait:
+            resp = await self.request(_submit_many(items, key))
+            return range(resp["first_seq"], resp["first_seq"] + resp["count"])
+        resp = await self.request(_submit_many(items, key, timeout))
+        return [_outcome(resp["first_seq"] + i, r, raise_it=False)
+                for i, r in enumerate(resp["results"])]
 
     async def stats(self) -> dict[str, Any]:
         return dict((await self.request({"op": "stats"}))["stats"])
@@ -386,18 +427,41 @@ class AsyncClient:
         await self.close()
 
 
-def _submit(item: Any, key: Any) -> dict[str, Any]:
+_NO_WAIT = object()
+
+
+def _submit(item: Any, key: Any, timeout: Any = _NO_WAIT) -> dict[str, Any]:
     msg = {"op": "submit", "item": item}
     if key is not None:
         msg["key"] = key
-    return msg
+    return _waiting(msg, timeout)
 
 
-def _submit_many(items: list[Any], key: Any) -> dict[str, Any]:
+def _submit_many(items: list[Any], key: Any, timeout: Any = _NO_WAIT) -> dict[str, Any]:
     if isinstance(items, (str, bytes, bytearray, dict)):  # iterable, but surely one item
         raise TypeError(f"submit_many takes a list of items, not a {type(items).__name__}; "
                         "use submit for one item")
     msg = {"op": "submit", "items": list(items)}
     if key is not None:
         msg["key"] = key
+    return _waiting(msg, timeout)
+
+
+def _waiting(msg: dict[str, Any], timeout: Any) -> dict[str, Any]:
+    if timeout is not _NO_WAIT:
+        msg["wait"] = True
+        if timeout is not None:
+            msg["timeout"] = timeout
     return msg
+
+
+def _outcome(seq: int, entry: dict[str, Any], raise_it: bool) -> Any:
+    """One item's entry of a waiting submit: its result, or the error (raised or returned)."""
+    if entry.get("ok"):
+        return entry.get("result")
+    code, message = str(entry.get("code")), str(entry.get("message", ""))
+    ex: Exception = (DeadLettered(seq, message) if code == protocol.DEAD_LETTERED
+                     else _BY_CODE.get(code, RemoteError)(code, message))
+    if raise_it:
+        raise ex
+    return ex

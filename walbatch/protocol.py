@@ -41,9 +41,10 @@ FORBIDDEN = "forbidden"  # the peer is not on the allow-list (fatal)
 BUSY = "busy"  # the daemon has as many connections as its file limit allows (fatal)
 CORRUPT_LOG = "corrupt_log"
 INTERNAL = "internal"
+DEAD_LETTERED = "dead_lettered"  # per item, in a waiting submit's results: the sink refused it
 
 ERROR_CODES = (BAD_FRAME, TOO_LARGE, BAD_REQUEST, UNKNOWN_OP, LOG_FULL, SHUTTING_DOWN,
-               WRITE_FAILED, TIMEOUT, FORBIDDEN, CORRUPT_LOG, INTERNAL)
+               WRITE_FAILED, TIMEOUT, FORBIDDEN, BUSY, CORRUPT_LOG, INTERNAL, DEAD_LETTERED)
 
 
 class ProtocolError(Exception):
@@ -133,6 +134,9 @@ class Request:
     """For flush: seconds to wait (None: the daemon's default)."""
     key: Any = None
     """For submit: the batching key of every item (None: unkeyed)."""
+    wait: bool = False
+    """For submit: answer once every item is delivered (or dead-lettered), with per-item
+    results, instead of once it is fsync'd."""
 
 
 def parse_request(msg: Any) -> Request:
@@ -165,21 +169,47 @@ def parse_request(msg: Any) -> Request:
                 check_key(key)
             except (TypeError, ValueError) as ex:
                 raise ProtocolError(BAD_REQUEST, f"'key': {ex}", request_id=rid) from None
+        wait = msg.get("wait", False)
+        if not isinstance(wait, bool):
+            raise ProtocolError(BAD_REQUEST, f"'wait' must be true or false, not {_kind(wait)}",
+                                request_id=rid)
+        timeout = _timeout(msg, rid) if wait else None
         if has_items:
             items = msg["items"]
             if not isinstance(items, list):
                 raise ProtocolError(BAD_REQUEST, f"'items' must be an array, not {_kind(items)}",
                                     request_id=rid)
-            return Request(rid, op, items, key=key)
-        return Request(rid, op, [msg["item"]], single=True, key=key)
+            return Request(rid, op, items, key=key, wait=wait, timeout=timeout)
+        return Request(rid, op, [msg["item"]], single=True, key=key, wait=wait, timeout=timeout)
     if op == "flush":
-        timeout = msg.get("timeout")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or not timeout >= 0):  # also refuses NaN
-            raise ProtocolError(BAD_REQUEST, "flush 'timeout' must be a non-negative number",
-                                request_id=rid)
-        return Request(rid, op, timeout=None if timeout is None else float(timeout))
+        return Request(rid, op, timeout=_timeout(msg, rid))
     return Request(rid, op)
+
+
+def _timeout(msg: dict[str, Any], rid: Any) -> float | None:
+    timeout = msg.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                or not 0 <= timeout <= 86400):  # also refuses NaN and inf
+        raise ProtocolError(BAD_REQUEST, f"{msg.get('op')} 'timeout' must be a number of seconds "
+                            "from 0 to 86400", request_id=rid)
+    return None if timeout is None else float(timeout)
+
+
+def item_result(value: Any) -> dict[str, Any]:
+    """One item's entry in a waiting submit's ``results``: delivered, with its result.
+
+    A result msgpack cannot carry is sent as its repr, flagged (``result_repr``).
+    """
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (TypeError, OverflowError, ValueError):
+        return {"ok": True, "result": repr(value), "result_repr": True}
+    return {"ok": True, "result": value}
+
+
+def item_error(code: str, message: str) -> dict[str, Any]:
+    """One item's entry in ``results`` when it was not delivered (dead_lettered, timeout, ...)."""
+    return {"ok": False, "code": code, "message": message}
 
 
 def ok(request_id: Any, **fields: Any) -> dict[str, Any]:

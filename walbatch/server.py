@@ -31,7 +31,7 @@ from typing import Any
 
 from . import __version__, protocol
 from .durable import DurableBatcher
-from .errors import Closed, CorruptLog, LogFailed, LogFull, LogWriteError
+from .errors import Closed, CorruptLog, DeadLettered, LogFailed, LogFull, LogWriteError
 from .protocol import ProtocolError
 
 log = logging.getLogger("walbatch.server")
@@ -237,8 +237,14 @@ class Server:
         try:
             if req.single:
                 r = await self.batcher.asubmit(req.items[0], key=req.key)
+                if req.wait:
+                    return protocol.ok(req.id, first_seq=r.seq, count=1,
+                                       results=await self._results([r], req.timeout))
                 return protocol.ok(req.id, first_seq=r.seq, count=1)
             rs = await self.batcher.asubmit_many(req.items, key=req.key)
+            if req.wait:
+                return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count,
+                                   results=await self._results(list(rs), req.timeout))
             return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count)
         except (TypeError, ValueError) as ex:
             return protocol.error(req.id, protocol.BAD_REQUEST, f"{ex}")
@@ -251,6 +257,44 @@ class Server:
         except Exception as ex:
             log.exception("walbatch: submit failed")
             return protocol.error(req.id, protocol.INTERNAL, f"{type(ex).__name__}: {ex}")
+
+    async def _results(self, receipts: list[Any], timeout: float | None) -> list[dict[str, Any]]:
+        """Each item's outcome once delivered (the items are already acknowledged).
+
+        Waits at most ``timeout`` (the daemon's flush timeout by default) and no longer
+        than the daemon runs: an item not delivered by then is answered ``timeout`` or
+        ``shutting_down``, and is delivered later all the same.
+        """
+        timeout = self.opts.flush_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        assert self._stop is not None
+        stopping = asyncio.ensure_future(self._stop.wait())
+        out: list[dict[str, Any]] = []
+        try:
+            for r in receipts:
+                waiting = asyncio.ensure_future(r)
+                left = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait({waiting, stopping}, timeout=max(0.0, left),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if waiting not in done:
+                    waiting.cancel()  # only the wait: the item stays acknowledged
+                    code, why = ((protocol.SHUTTING_DOWN, "the daemon is shutting down")
+                                 if stopping in done else
+                                 (protocol.TIMEOUT, f"not delivered within {timeout}s"))
+                    out.append(protocol.item_error(code, f"seq {r.seq}: {why}; it is "
+                                                   "acknowledged and stays in the log"))
+                    continue
+                try:
+                    out.append(protocol.item_result(waiting.result()))
+                except DeadLettered as ex:
+                    out.append(protocol.item_error(protocol.DEAD_LETTERED, ex.error))
+                except Closed as ex:
+                    out.append(protocol.item_error(protocol.SHUTTING_DOWN, str(ex)))
+                except CorruptLog as ex:
+                    out.append(protocol.item_error(protocol.CORRUPT_LOG, str(ex)))
+        finally:
+            stopping.cancel()
+        return out
 
     async def _flush(self, req: protocol.Request) -> dict[str, Any]:
         timeout = self.opts.flush_timeout if req.timeout is None else req.timeout
