@@ -33,18 +33,30 @@ def apply(conn, batch):
         [(r.item["at"], r.seq, r.item["user_id"], r.seq) for r in batch])
 
 
-def main(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    db_path = os.path.join(directory, "app.db")
+last_touch = last_by("user_id")  # for walbatch serve --combine last_active_at:last_touch
+
+
+def make_sink() -> ApplySink:
+    """For ``walbatch serve --sink last_active_at:make_sink`` (the database in $LAST_ACTIVE_DB)."""
+    return ApplySink(f"sqlite:///{os.environ['LAST_ACTIVE_DB']}", apply)
+
+
+def create_users(db_path: str) -> None:
     with sqlite3.connect(db_path) as db:
         db.execute("CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, "
                    "last_active_at REAL NOT NULL DEFAULT 0, last_seq INTEGER NOT NULL DEFAULT 0)")
         db.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(i,) for i in range(100)])
 
+
+def main(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    db_path = os.path.join(directory, "app.db")
+    create_users(db_path)
+
     newest: dict[int, tuple[int, float]] = {}  # user -> (seq, at) of their last request
     lock = threading.Lock()
     sink = ApplySink(f"sqlite:///{db_path}", apply)
-    with DurableBatcher(os.path.join(directory, "log"), sink, combine=last_by("user_id"),
+    with DurableBatcher(os.path.join(directory, "log"), sink, combine=last_touch,
                         max_items=1000, max_delay=0.05) as batcher:
 
         def handle_requests(worker: int) -> None:

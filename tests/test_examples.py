@@ -14,7 +14,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 
 def test_there_are_examples():
-    assert {p.name for p in EXAMPLES} >= {"last_active_at.py", "counters.py"}
+    assert {p.name for p in EXAMPLES} >= {"last_active_at.py", "last_active_at_daemon.py", "counters.py"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
