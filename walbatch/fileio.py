@@ -173,8 +173,12 @@ class _FlockLock:
         self.fd = fd
         self.path = path
         self.directory = directory
+        held = os.fstat(fd)
+        self._identity = (held.st_dev, held.st_ino)  # what we locked: it never changes
 
     def still_held(self) -> bool:
+        """Is the file (or directory) at our path still the one we locked? One stat:
+        checked before every acknowledgement, so it must be cheap."""
         if self.fd < 0:
             return False
         try:
@@ -183,8 +187,7 @@ class _FlockLock:
             now = os.stat(self.path, follow_symlinks=self.directory)
         except OSError:
             return False
-        held = os.fstat(self.fd)
-        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        return (now.st_dev, now.st_ino) == self._identity
 
     def release(self) -> None:
         if self.fd >= 0:
