@@ -2,8 +2,8 @@
 
 Quick by default (a few minutes in all on 2 cores); `--crash-iterations N` (or
 WALBATCH_CRASH_ITERATIONS=N) runs every scenario N cycles for a soak, and
-`--crash-states N` (WALBATCH_CRASH_STATES; 0: all) lets the crash explorer
-recover more crash states.
+`--crash-states N` (WALBATCH_CRASH_STATES; 0: every one it can build) lets the
+crash explorer recover more crash states.
 
 Seeds: every scenario draws its random choices from one seed. By default it is
 derived from a fixed value and the test's name, so a run is the same run every
@@ -35,7 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "and the test name; env WALBATCH_CRASH_SEEDS)")
     group.addoption("--crash-states", type=int, default=None,
                     help=f"crash states the explorer recovers (default {DEFAULT_CRASH_STATES}; "
-                         "0: all; env WALBATCH_CRASH_STATES)")
+                         "0: every prefix and torn write at every crash point; "
+                         "env WALBATCH_CRASH_STATES)")
 
 
 def configured_seeds(config: pytest.Config) -> list[int | None]:

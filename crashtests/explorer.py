@@ -27,7 +27,7 @@ same are recovered once. States in which an acknowledged item's bytes are
 found in no file are tried first (they are where a missing sync shows), then
 the rest in seeded random order, up to ``--states``.
 
-Run: ``python crashtests/explorer.py [--seed N] [--states N|0 for all]``.
+Run: ``python crashtests/explorer.py [--seed N] [--states N|0 for all] [--prefixes N|0 for all]``.
 Exit status 1 and a report of each violation if the promise broke; the trace
 and the first failing tree are kept (``--replay DIR`` explores a kept trace
 again, exactly as before, for the same seed).
@@ -274,41 +274,49 @@ class Report:
                 f"  states that lost or tore: {cov}")
 
 
-def candidates(rec: Recording, rng: random.Random) -> list[CrashState]:
+def candidates(rec: Recording, rng: random.Random, prefixes: int = 1) -> list[CrashState]:
+    """Crash states at every crash point: durable only, everything, ``prefixes`` seeded
+    prefixes of what was lost and as many torn writes (0: every prefix, every torn cut)."""
     h = rec.history
     end = max((op.pos for op in h.ops), default=0) + 1
     points = sorted(set(h.durability_points) | {pos for pos, _s, _i in rec.deliveries} | {end})
     by_pos = {op.pos: op for op in h.ops}
     out: list[CrashState] = []
+
+    def torn(at: int, cut: int, w: Op, choices: list[tuple[int, bool]], what: str) -> None:
+        for keep, zeros in choices:
+            out.append(CrashState(at, cut, (w.idx, keep, zeros),
+                                  f"torn {what}{os.path.basename(w.path)} write ({keep} of "
+                                  f"{len(w.data)} bytes{', rest zeros' if zeros else ''})"))
+
     for at in points:
         out.append(CrashState(at, 0, None, "durable only"))
         out.append(CrashState(at, len(h.ops), None, "everything"))
         lost = h.lost(CrashState(at, 0))
         if lost:
-            k = rng.randrange(len(lost))
-            out.append(CrashState(at, lost[k].idx, None, f"prefix of {k} of {len(lost)} lost ops"))
+            ks = range(len(lost)) if not prefixes else [rng.randrange(len(lost)) for _ in range(prefixes)]
+            for k in sorted(set(ks)):
+                out.append(CrashState(at, lost[k].idx, None, f"prefix of {k} of {len(lost)} lost ops"))
             writes = [op for op in lost if op.kind == "write"]
-            if writes:
-                w = rng.choice(writes)
+            if writes and prefixes:
+                writes = [rng.choice(writes) for _ in range(prefixes)]
+            for w in writes:
                 choices = h.torn_choices(w)
                 if choices:
-                    keep, zeros = rng.choice(choices)
-                    out.append(CrashState(at, w.idx, (w.idx, keep, zeros),
-                                          f"torn {os.path.basename(w.path)} write ({keep} of "
-                                          f"{len(w.data)} bytes{', rest zeros' if zeros else ''})"))
+                    torn(at, w.idx, w, choices if not prefixes else [rng.choice(choices)], "")
         inflight = by_pos.get(at)
         if inflight is not None and inflight.kind == "write" and inflight.durable_at == at:
             choices = h.torn_choices(inflight)
             if choices:
-                keep, zeros = rng.choice(choices)
-                out.append(CrashState(at, 0, (inflight.idx, keep, zeros),
-                                      f"torn in-flight O_DSYNC write to {os.path.basename(inflight.path)}"))
+                torn(at, 0, inflight, choices if not prefixes else [rng.choice(choices)],
+                     "in-flight O_DSYNC ")
     return out
 
 
 def explore(rec: Recording, seed: int, states: int = DEFAULT_STATES, stop_at_first: bool = False,
-            scratch: str | None = None, keep_failures: str | None = None) -> Report:
-    """Recover and check up to ``states`` distinct trees (0: all of them)."""
+            scratch: str | None = None, keep_failures: str | None = None, prefixes: int = 1) -> Report:
+    """Recover and check up to ``states`` distinct trees (0: all of them); ``prefixes``
+    as in ``candidates``."""
     t0 = time.monotonic()
     rng = random.Random(seed)
     h = rec.history
@@ -319,7 +327,7 @@ def explore(rec: Recording, seed: int, states: int = DEFAULT_STATES, stop_at_fir
         raise RuntimeError(f"the workload ran {rec.package} but recovery would run {package}")
     report = Report(seed, package, calls=rec.calls, ops=len(h.ops),
                     durability_points=len(h.durability_points), acks=len(rec.acks))
-    cands = candidates(rec, rng)
+    cands = candidates(rec, rng, prefixes)
     report.crash_points = len({c.at for c in cands})
     report.candidates = len(cands)
     # Realize every candidate (cheap, in memory): group by tree, flag the suspicious.
@@ -406,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=15, help="seeds the workload and the choice of states")
     p.add_argument("--states", type=int, default=DEFAULT_STATES,
                    help=f"distinct crash states to recover (default {DEFAULT_STATES}; 0: all)")
+    p.add_argument("--prefixes", type=int, default=1,
+                   help="seeded prefixes and torn writes per crash point (default 1; 0: every one)")
     p.add_argument("--stop-at-first", action="store_true", help="stop at the first violation")
     p.add_argument("--replay", metavar="DIR", help="explore a trace kept by an earlier run")
     p.add_argument("--keep", metavar="DIR", help="record into DIR and keep it")
@@ -419,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         record(directory, args.seed)
     recording = load(directory)
     record_seconds = time.monotonic() - t0
-    report = explore(recording, args.seed, args.states, args.stop_at_first, keep_failures=directory)
+    report = explore(recording, args.seed, args.states, args.stop_at_first, keep_failures=directory,
+                     prefixes=args.prefixes)
     report.record_seconds = record_seconds
     print(report.summary())
     if report.violations:
