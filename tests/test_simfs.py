@@ -68,7 +68,7 @@ def test_a_crash_inside_an_o_dsync_write_leaves_none_or_part_of_it():
     assert min(kept) == 4 and max(kept) > 4
 
 
-def test_write_file_is_durable_only_after_its_fsync():
+def test_write_file_replaces_the_file_durably_only_after_its_fsync_and_the_directorys():
     fs = SimFileSystem()
     fs.makedirs("/d")
     fs.fsync_dir("/")
@@ -78,7 +78,11 @@ def test_write_file_is_durable_only_after_its_fsync():
     with pytest.raises(OSError):
         fs.write_file("/d/f", b"new")
     assert fs.read_file("/d/f") == b"old"
+    fs.write_file("/d/f", b"new")  # a new file under the old name (as on disk: unlink, create)
+    fs.crash()
+    assert fs.read_file("/d/f") == b"old"  # the new name was never fsync'd into /d
     fs.write_file("/d/f", b"new")
+    fs.fsync_dir("/d")
     fs.crash()
     assert fs.read_file("/d/f") == b"new"
 
