@@ -128,7 +128,7 @@ def walbatch_run(server: PostgresServer, base: str, seconds: float, *, threads: 
     how += f", max_items={max_items}, flush_concurrency={flush_concurrency}"
     return {"writer": f"walbatch {how}{', mode=jsonb' if jsonb else ''}",
             "items": d.items, "seconds": d.seconds, "items_per_s": d.items_per_s,
-            "drain_s": d.drain, "fsyncs_per_1k": d.stats.fsyncs * 1000 / max(1, d.items)}
+            "drain_s": d.drain}
 
 
 # ------------------------------------------------------- write methods

@@ -171,8 +171,9 @@ def test_power_loss_mid_delivery_applies_each_increment_once(scenario, tmp_path)
     """The same promise when the machine loses power: the log on the crash-simulating
     file system loses whatever was not synced, the database (on its own disk) keeps
     what it committed. Items synced but not yet acknowledged may apply, at most once."""
+    from simfs import SimFileSystem
+
     from walbatch import WalbatchError
-    from walbatch.simfs import SimFileSystem
 
     rng, fs = scenario.rng, SimFileSystem()
     db = Sqlite(str(tmp_path))

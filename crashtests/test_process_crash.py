@@ -7,12 +7,18 @@ interval is tiny), mid-delivery to the real SQLite sink. Writers append each
 acknowledged item to their own file *after* the acknowledgement and before
 counting it. At the end the log is opened once more and flushed.
 
+The moment of each kill is counted in acknowledgements, not seconds: the writer
+must have said it is ready and acknowledged a seeded number of bytes' worth of
+items (polling its acks files, with a deadline) before it is killed.
+
 Invariant: every acknowledged item is in SQLite exactly once with its payload;
-no duplicates; the stats tally holds.
+no duplicates; no dead letters (the SQLite sink refuses none of these items, so
+one would be an item refused or lost on the way); the stats tally holds.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import sqlite3
@@ -25,6 +31,7 @@ import time
 from helpers import acking_writer, payload_ok, read_acks
 
 from walbatch import DurableBatcher
+from walbatch.dlq import list_dead_letters
 
 OPTS = dict(max_delay=0.005, segment_bytes=4096, max_log_bytes=1 << 30, checkpoint_interval=0.001)
 
@@ -73,10 +80,23 @@ def check(directory: str, db: str, acks: str, scenario) -> None:
     duplicated = len(ids) - len(delivered)
     scenario.add(acknowledged=len(acked), delivered=len(delivered), lost=lost,
                  duplicated=duplicated, damaged=damaged)
+    dead = list_dead_letters(os.path.join(directory, "log"))
+    scenario.add(dead_lettered=len(dead))
     assert lost == 0, f"{lost} acknowledged items missing, e.g. {sorted(acked - delivered)[:5]}"
     assert duplicated == 0 and damaged == 0, scenario.line()
+    assert dead == [] and stats.dead_lettered == 0, f"dead letters: {dead[:3]} ({stats})"
     assert stats.submitted == stats.delivered + stats.dead_lettered + stats.pending
     assert stats.pending == 0
+
+
+def wait_for_acks(prefix: str, cycle: int, nbytes: int, proc: subprocess.Popen) -> None:
+    """Until this cycle's writers have acknowledged ``nbytes`` of ids (or stopped)."""
+    deadline = time.monotonic() + 60
+    pattern = glob.escape(prefix) + f".{cycle}.*"
+    while sum(os.path.getsize(p) for p in glob.glob(pattern)) < nbytes:
+        assert proc.poll() is None, f"the writer exited with {proc.returncode} before the kill"
+        assert time.monotonic() < deadline, "the writer acknowledged too little in 60 s"
+        time.sleep(0.005)
 
 
 def test_kill_9_an_embedded_batcher_under_load(scenario):
@@ -85,10 +105,14 @@ def test_kill_9_an_embedded_batcher_under_load(scenario):
     cycles = scenario.iterations(12)
     for cycle in range(cycles):
         child = subprocess.Popen([sys.executable, "-c", EMBEDDED, os.path.join(directory, "log"),
-                                  f"sqlite:///{db}?table=t", acks, str(cycle)])
-        time.sleep(0.25 + scenario.rng.random() * 0.5)
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
+                                  f"sqlite:///{db}?table=t", acks, str(cycle)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            wait_for_acks(acks, cycle, scenario.rng.randint(2_000, 60_000), child)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
     scenario.add(cycles=cycles)
     check(directory, db, acks, scenario)
 
@@ -105,9 +129,12 @@ def test_kill_9_the_daemon_under_load(scenario):
             [sys.executable, "-m", "walbatch", "serve", "--data-dir", os.path.join(directory, "log"),
              "--socket", sock, "--sink", f"sqlite:///{db}?table=t", "--log-level", "error", *flags])
         client = subprocess.Popen([sys.executable, "-c", CLIENT, sock, acks, str(cycle)])
-        time.sleep(0.5 + scenario.rng.random() * 0.5)
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait(30)
+        try:
+            # Acknowledgements come only from a daemon that is up and serving.
+            wait_for_acks(acks, cycle, scenario.rng.randint(2_000, 60_000), daemon)
+        finally:
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(30)
         try:
             client.wait(60)
         finally:

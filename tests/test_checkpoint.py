@@ -9,6 +9,7 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from simfs import SimFileSystem
 
 from walbatch.checkpoint import (
     CHECKPOINT_MAGIC,
@@ -21,7 +22,6 @@ from walbatch.checkpoint import (
 from walbatch.checkpoint import crc32c as checkpoint_crc32c
 from walbatch.errors import CorruptLog
 from walbatch.fileio import OsFileSystem
-from walbatch.simfs import SimFileSystem
 
 U64 = st.integers(0, 2**64 - 1)
 PATH = "/log/checkpoint"
@@ -109,6 +109,7 @@ def test_magic_is_what_the_format_says() -> None:
 def _sim_with(cp: Checkpoint) -> SimFileSystem:
     fs = SimFileSystem()
     fs.makedirs("/log")
+    fs.fsync_dir("/")  # the directory survives a crash only once its parent is fsync'd
     write_checkpoint(fs, PATH, cp)
     return fs
 

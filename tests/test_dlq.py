@@ -202,6 +202,21 @@ def test_a_damaged_store_is_corrupt_log_but_one_it_cannot_open_is_an_os_error(tm
     assert not isinstance(info.value, CorruptLog)
 
 
+def test_a_store_whose_schema_does_not_decode_is_damaged_not_an_access_problem(tmp_path):
+    """Found by crashtests/test_corruption.py (seed 1498955189): a bit flip in the
+    table's schema text made sqlite3 raise "Could not decode to UTF-8", which carries
+    no SQLite result code and was reported as an access problem (OSError)."""
+    from walbatch import CorruptLog
+
+    path = tmp_path / "dlq.db"
+    DeadLetterStore(str(path)).close()
+    data = path.read_bytes()
+    assert data.count(b'"error"') == 1  # the column in the CREATE TABLE text
+    path.write_bytes(data.replace(b'"error"', b'"e\xffror"'))
+    with pytest.raises(CorruptLog, match="damaged"):
+        DeadLetterStore(str(path))
+
+
 @pytest.mark.parametrize("how", ["empty", "missing"])
 def test_a_truncated_or_deleted_store_is_reported_not_silently_empty(make, logdir, how):
     # The checkpoint still counted the dead letters, but status and dlq list showed

@@ -412,7 +412,7 @@ def test_a_checkpoint_that_cannot_be_written_is_retried_once_a_second_and_flush_
     # not delivered" after everything had been delivered.
     import errno
 
-    from walbatch.simfs import SimFileSystem
+    from simfs import SimFileSystem
 
     fs = SimFileSystem()
     sink = Collector()

@@ -65,10 +65,12 @@ def test_sqlite_sink_drops_duplicates_by_log_id_and_seq(tmp_path):
     db = tmp_path / "out.db"
     sink = SQLiteSink(str(db))
     try:
-        sink.write(batch({"v": 1}, {"v": 2}, {"v": 3}))
-        sink.write(batch({"v": 1}, {"v": 2}, {"v": 3}))  # a redelivery of the same batch
-        sink.write(batch({"v": 2}, {"v": 3}, {"v": 4}, first_seq=2))  # overlapping
-        sink.write(batch({"v": 1}, log_id="another-log"))  # same seq, other log: distinct
+        # Every write takes its whole batch (None): a duplicate is dropped, not refused,
+        # or the redelivered items would become dead letters of delivered ones.
+        assert sink.write(batch({"v": 1}, {"v": 2}, {"v": 3})) is None
+        assert sink.write(batch({"v": 1}, {"v": 2}, {"v": 3})) is None  # a redelivery
+        assert sink.write(batch({"v": 2}, {"v": 3}, {"v": 4}, first_seq=2)) is None  # overlapping
+        assert sink.write(batch({"v": 1}, log_id="another-log")) is None  # other log: distinct
     finally:
         sink.close()
     rows = query(db, "SELECT _log_id, _seq, v FROM items ORDER BY _log_id, _seq")

@@ -91,10 +91,11 @@ class Delivery:
         self.sink = sink
         self.options = opts
         directory = log_.directory
-        dlq_path = os.path.join(directory, DLQ_FILE)
+        # Through the file layer, so that a simulated power loss rolls dlq.db back too.
+        dlq_path = log_.fs.local_path(os.path.join(directory, DLQ_FILE))
         gone = "missing" if not os.path.exists(dlq_path) else (
             "empty" if os.path.getsize(dlq_path) == 0 else None)
-        self.dead_letters = DeadLetterStore.for_dir(directory)
+        self.dead_letters = DeadLetterStore(dlq_path)
         try:
             if gone and log_.checkpoint.dead_lettered:
                 _record_store_lost(self.dead_letters, log_, gone)

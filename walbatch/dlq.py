@@ -52,7 +52,12 @@ class DeadLetter:
     """The batching key the item was submitted with (None: unkeyed); requeue keeps it."""
 
 
-_DAMAGED = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+# SQLite result codes that say the file could not be used (permissions, locks, the disk),
+# not that what it holds is damaged: PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
+# CANTOPEN, PROTOCOL, NOLFS, AUTH. Any other database error while reading the schema or
+# the table (SQLITE_CORRUPT, NOTADB, a schema that does not decode, the wrong table)
+# means the content is unusable.
+_ACCESS = frozenset({3, 5, 6, 7, 8, 10, 13, 14, 15, 22, 23})
 
 
 class DeadLetterStore:
@@ -84,7 +89,10 @@ class DeadLetterStore:
             conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()
         except sqlite3.DatabaseError as ex:
             conn.close()
-            if getattr(ex, "sqlite_errorcode", 0) & 0xFF not in _DAMAGED:
+            # Classified on SQLite's result code. Errors Python's sqlite3 raises itself
+            # (text in the schema that is not UTF-8) carry none: the content is damaged.
+            code = getattr(ex, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _ACCESS:
                 # Read-only file, no permission, locked: the store is fine, access is not.
                 raise OSError(f"cannot use the dead-letter store {path}: {ex}") from ex
             raise CorruptLog(path, 0, f"the dead-letter store is damaged ({ex}); move it aside "

@@ -1,7 +1,7 @@
 """The file layer the log does all its I/O through.
 
-It exists as a seam: tests replace ``OsFileSystem`` with ``walbatch.simfs.SimFileSystem``,
-which remembers what was fsync'd and can simulate a power loss. Keep it small;
+It exists as a seam: tests replace ``OsFileSystem`` with a simulator (tests/simfs.py)
+that remembers what was fsync'd and can simulate a power loss. Keep it small;
 every method here is one the simulator must model faithfully. Every write the
 log makes (segments, checkpoint, synced marker, quarantine) goes through it.
 
@@ -98,6 +98,10 @@ class FileSystem(Protocol):
         """Take an exclusive lock on ``path`` (a file, created if needed, or with
         ``directory`` an existing directory); raise BlockingIOError if someone
         holds it."""
+
+    def local_path(self, path: str) -> str:
+        """Where a library that opens files itself (SQLite, for ``dlq.db``) finds ``path``."""
+        ...
 
 
 def write_atomic(fs: FileSystem, path: str, data: bytes) -> None:
@@ -307,3 +311,6 @@ class OsFileSystem:
                 raise BlockingIOError(ex.errno, "locked", path) from None
             raise
         return _FlockLock(fd, path, directory)
+
+    def local_path(self, path: str) -> str:
+        return path

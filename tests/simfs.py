@@ -1,22 +1,38 @@
-"""An in-memory file system that simulates power loss, for tests.
+"""An in-memory file system that simulates power loss, for walbatch's tests.
 
-``SimFileSystem`` implements the ``walbatch.fileio.FileSystem`` seam. It keeps,
-for every file, what is durable (as of its last ``sync``) apart from what was
-written since, and for every directory which names are durable (as of its
-last ``fsync_dir``). ``crash()`` then does what a power loss may do:
+``SimFileSystem`` implements the ``walbatch.fileio.FileSystem`` seam and models
+what the real one (``OsFileSystem``) does, durability included:
 
-- every file goes back to its durable content, optionally keeping a torn
-  prefix of the unsynced bytes (as written, or as garbage);
-- names created, renamed or unlinked since their directory's last fsync are
-  undone;
-- every handle and lock of the old "process" becomes dead: any use raises EIO,
-  so threads of an abandoned batcher stop instead of writing on; so does every
-  thread alive at the crash but the main one (the old flusher, submitters), for
-  path operations too (a dead flusher must not write a checkpoint afterwards).
+- a file's bytes are durable as of its handle's last ``sync`` (fdatasync); a
+  write through a handle opened with ``dsync=True`` (O_DSYNC) is durable when
+  it returns, as the real one is, so the log takes the same path here as on
+  disk and calls no separate sync;
+- ``write_file`` unlinks what is at the path, creates the file afresh, writes and
+  fsyncs, as on disk: its data is not durable until that fsync, and a power loss
+  can come in between;
+- names created, renamed or unlinked, and directories made, are durable as of
+  their directory's last ``fsync_dir``. (``makedirs`` takes the directories
+  above the one it makes as already there and durable, as they were before the
+  test in any real directory);
+- a SQLite database the code opens itself (``dlq.db``) lives in a real file
+  that ``local_path`` hands out; it is durable at every committed transaction
+  (the store commits with ``synchronous=FULL``), so a power loss leaves it as
+  of its last commit.
 
-Directories themselves are modelled as always durable. Faults can be injected
-(``fail(op, errno, times)``) and ``skip_fsync=True`` makes a deliberately broken
-file system whose fsync does nothing, to prove a test can catch lost data.
+``crash()`` does what a power loss may do: every file goes back to its durable
+content, optionally keeping a torn prefix of the unsynced bytes (as written, or
+as garbage); names and directories made since their directory's last fsync are
+undone; databases go back to their last commit. Every handle and lock of the
+old "process" dies: any use raises EIO, and so does every operation (and
+``alive()`` turns false) in every thread that was alive at the crash but the
+main one, so an abandoned batcher's threads stop instead of writing on (a real
+power loss gives a dead process no last word, not even a delivery).
+
+Faults can be injected (``fail(op, errno, times)``), a crash armed at the Nth
+mutating operation (``crash_after``), every mutating operation gated
+(``gate``: a deterministic scheduler, tests/scheduling.py), and
+``skip_fsync=True`` makes a deliberately broken file system whose fsync and
+O_DSYNC do nothing, to prove a test can catch lost data.
 """
 
 from __future__ import annotations
@@ -24,8 +40,12 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import random
+import shutil
+import sqlite3
+import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -41,10 +61,11 @@ class _Dead(OSError):
 
 
 class _Handle:
-    def __init__(self, fs: SimFileSystem, inode: _Inode, path: str) -> None:
+    def __init__(self, fs: SimFileSystem, inode: _Inode, path: str, dsync: bool = False) -> None:
         self.fs = fs
         self.inode = inode
         self.path = path
+        self.dsync = dsync
         self.gen = fs.generation
         self.closed = False
 
@@ -56,6 +77,7 @@ class _Handle:
         self.fs._maybe_fail(op, self.path)
 
     def write(self, *bufs: bytes | memoryview) -> None:
+        self.fs._before("write", self.path)
         with self.fs._mu:
             self._check("write")
             for b in bufs:
@@ -63,8 +85,16 @@ class _Handle:
             # A power loss "during" a write: the bytes are in the unsynced area,
             # and crash() keeps none, a prefix, or garbage of them.
             self.fs._tick("write")
+            if self.dsync:
+                # O_DSYNC: the write syncs its data before it returns; when that sync
+                # fails (fail("sync")) the write fails with the bytes written, unsynced.
+                self.fs._fault("sync", self.path)
+                if not self.fs.skip_fsync:
+                    self.inode.durable = bytes(self.inode.data)
+                self.fs.syncs += 1
 
     def sync(self) -> None:
+        self.fs._before("sync", self.path)
         with self.fs._mu:
             self._check("sync")
             if not self.fs.skip_fsync:
@@ -72,6 +102,7 @@ class _Handle:
             self.fs.syncs += 1
 
     def pwrite(self, data: bytes, offset: int) -> None:
+        self.fs._before("write", self.path)
         with self.fs._mu:
             self._check("write")
             if len(self.inode.data) < offset:
@@ -82,6 +113,7 @@ class _Handle:
             self.fs._tick("write")
 
     def truncate(self, size: int) -> None:
+        self.fs._before("truncate", self.path)
         with self.fs._mu:
             self._check("truncate")
             del self.inode.data[size:]
@@ -117,38 +149,76 @@ class _Lock:
 
 
 class SimFileSystem:
-    def __init__(self, *, skip_fsync: bool = False) -> None:
+    def __init__(self, *, skip_fsync: bool = False, honour_dsync: bool = True) -> None:
         self._mu = threading.RLock()
         self.names: dict[str, _Inode] = {}
         self.durable_names: dict[str, _Inode] = {}
         self.dirs: set[str] = {"/"}
+        self.durable_dirs: set[str] = {"/"}
         self.generation = 0
         self.skip_fsync = skip_fsync
+        self.honour_dsync = honour_dsync
+        """False: a file system whose handles ignore ``dsync`` (and say so: no ``dsync``
+        attribute is true), so the log must call ``sync()`` itself. Production's honours it."""
         self.syncs = 0
+        """Durability points on files: syncs, O_DSYNC writes, write_file's fsync."""
+        self.dir_syncs = 0
         self.crashes = 0
+        self.gate: Callable[[str, str], None] | None = None
+        """Called (outside the lock) before every mutating operation of a thread
+        that is still alive: a scheduler's hook to order the threads' operations."""
         self._locks: set[str] = set()
         self._faults: list[tuple[str, int, str]] = []
         self._crash_at: tuple[int, random.Random, str] | None = None
         self._dead_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._databases: set[str] = set()
+        self._real_root: str | None = None
 
     # ---------------------------------------------------------------- faults
 
     def fail(self, op: str, err: int = errno_mod.EIO, times: int = 1, path_contains: str = "") -> None:
         """Make the next ``times`` calls of ``op`` (write, sync, truncate, read, create,
-        rename, unlink, fsync_dir, write_file) on a matching path fail with ``err``."""
+        rename, unlink, fsync_dir, write_file) on a matching path fail with ``err``.
+
+        "sync" also fails the sync inside an O_DSYNC write: that write raises after
+        its bytes were written (unsynced), as a real one does."""
         with self._mu:
             self._faults.extend([(op, err, path_contains)] * times)
 
     def crash_after(self, ops: int, rng: random.Random, torn: str = "random") -> None:
         """Simulate a power loss at the ``ops``-th mutating operation from now.
 
-        Counted: write (the crash comes right after its bytes land, unsynced),
-        sync, truncate, create, write_file, rename, unlink, fsync_dir (the crash
-        comes before these take effect). The operation that hits it raises EIO,
-        as every later one of the dead "process" does.
+        Counted: write (the crash comes right after its bytes land, before an
+        O_DSYNC write made them durable), sync, truncate, create, write_file
+        (twice: before it, and between its write and its fsync), rename, unlink,
+        fsync_dir (the crash comes before these take effect). The operation that
+        hits it raises EIO, as every later one of the dead "process" does.
         """
         with self._mu:
             self._crash_at = (ops, rng, torn)
+
+    def clear_faults(self) -> None:
+        """Forget faults armed with ``fail`` that nothing hit."""
+        with self._mu:
+            self._faults.clear()
+
+    def disarm(self) -> None:
+        """Cancel a ``crash_after`` that was not reached."""
+        with self._mu:
+            self._crash_at = None
+
+    @property
+    def armed(self) -> bool:
+        return self._crash_at is not None
+
+    def alive(self) -> bool:
+        """False in a thread that a simulated power loss killed (see the module docstring)."""
+        return threading.current_thread() not in self._dead_threads
+
+    def _before(self, op: str, path: str) -> None:
+        gate = self.gate
+        if gate is not None and self.alive():
+            gate(op, path)
 
     def _tick(self, op: str) -> None:
         if self._crash_at is None or op in ("read", "size"):
@@ -162,10 +232,13 @@ class SimFileSystem:
         raise _Dead()
 
     def _maybe_fail(self, op: str, path: str) -> None:
-        if threading.current_thread() in self._dead_threads:
+        if not self.alive():
             raise _Dead()
         if op != "write":
             self._tick(op)
+        self._fault(op, path)
+
+    def _fault(self, op: str, path: str) -> None:
         for i, (fop, err, part) in enumerate(self._faults):
             if fop == op and part in path:
                 del self._faults[i]
@@ -174,8 +247,7 @@ class SimFileSystem:
     # ------------------------------------------------------------ the seam
 
     def open_append(self, path: str, dsync: bool = False, exclusive: bool = False) -> _Handle:
-        # dsync is not simulated: the handle says so (no ``dsync``), and the log
-        # then calls sync() itself, which this layer tracks.
+        self._before("open_append", path)
         with self._mu:
             inode = self.names.get(path)
             if inode is not None and exclusive:
@@ -184,7 +256,7 @@ class SimFileSystem:
                 self._need_dir(path)
                 self._maybe_fail("create", path)
                 inode = self.names[path] = _Inode()
-            return _Handle(self, inode, path)
+            return _Handle(self, inode, path, dsync and self.honour_dsync)
 
     def open_write(self, path: str) -> _Handle:
         return self.open_append(path)  # the handle's pwrite writes in place
@@ -205,15 +277,18 @@ class SimFileSystem:
             return bytes(inode.data)
 
     def write_file(self, path: str, data: bytes) -> None:
+        """Unlink what is there, create afresh, write, fsync: as on disk, the data is
+        durable once the fsync is done, the new name once the directory is fsync'd."""
+        self._before("write_file", path)
         with self._mu:
             self._need_dir(path)
             self._maybe_fail("write_file", path)
-            inode = self.names.get(path)
-            if inode is None:
-                inode = self.names[path] = _Inode()
+            inode = self.names[path] = _Inode()
             inode.data = bytearray(data)
+            self._tick("write")  # a power loss between the write and its fsync
             if not self.skip_fsync:
                 inode.durable = bytes(data)
+            self.syncs += 1
 
     def exists(self, path: str) -> bool:
         with self._mu:
@@ -229,13 +304,21 @@ class SimFileSystem:
             return sorted(names)
 
     def makedirs(self, path: str) -> None:
+        """The directory itself is durable once its parent is fsync'd; the ones above
+        it that are missing count as made before the test (durable)."""
         with self._mu:
             path = path.rstrip("/") or "/"
-            while path not in self.dirs:
-                self.dirs.add(path)
-                path = os.path.dirname(path)
+            if path in self.dirs:
+                return
+            self.dirs.add(path)
+            up = os.path.dirname(path)
+            while up not in self.dirs:
+                self.dirs.add(up)
+                self.durable_dirs.add(up)
+                up = os.path.dirname(up)
 
     def rename(self, src: str, dst: str) -> None:
+        self._before("rename", src)
         with self._mu:
             self._maybe_fail("rename", src)
             if src not in self.names:
@@ -243,6 +326,7 @@ class SimFileSystem:
             self.names[dst] = self.names.pop(src)
 
     def unlink(self, path: str) -> None:
+        self._before("unlink", path)
         with self._mu:
             self._maybe_fail("unlink", path)
             if path not in self.names:
@@ -250,9 +334,11 @@ class SimFileSystem:
             del self.names[path]
 
     def fsync_dir(self, path: str) -> None:
+        self._before("fsync_dir", path)
         with self._mu:
             self._maybe_fail("fsync_dir", path)
             path = path.rstrip("/") or "/"
+            self.dir_syncs += 1
             if self.skip_fsync:
                 return
             for p in [p for p in self.durable_names if os.path.dirname(p) == path]:
@@ -260,6 +346,7 @@ class SimFileSystem:
             for p, inode in self.names.items():
                 if os.path.dirname(p) == path:
                     self.durable_names[p] = inode
+            self.durable_dirs |= {d for d in self.dirs if os.path.dirname(d) == path and d != path}
 
     def lock(self, path: str, directory: bool = False) -> _Lock:
         with self._mu:
@@ -267,6 +354,20 @@ class SimFileSystem:
                 raise BlockingIOError(errno_mod.EWOULDBLOCK, "locked", path)
             self._locks.add(path)
             return _Lock(self, path)
+
+    def local_path(self, path: str) -> str:
+        """A real file standing for ``path``, for SQLite (see the module docstring)."""
+        with self._mu:
+            self._databases.add(path)
+            return self._real(path, self.generation)
+
+    def _real(self, path: str, generation: int) -> str:
+        if self._real_root is None:
+            self._real_root = tempfile.mkdtemp(prefix="walbatch-simfs-")
+            weakref.finalize(self, shutil.rmtree, self._real_root, True)
+        d = os.path.join(self._real_root, f"gen{generation}")
+        os.makedirs(d, exist_ok=True)
+        return os.path.join(d, path.strip("/").replace("/", "%"))
 
     def _need_dir(self, path: str) -> None:
         if os.path.dirname(path) not in self.dirs:
@@ -283,6 +384,7 @@ class SimFileSystem:
         """
         rng = rng or random.Random()
         with self._mu:
+            old = self.generation
             self.generation += 1
             self.crashes += 1
             # The old process's threads die with it; the main thread runs the test.
@@ -290,8 +392,14 @@ class SimFileSystem:
             self._locks.clear()
             self._faults.clear()
             self._crash_at = None  # an armed crash_after() belonged to the old machine too
+            dirs = {"/"}
+            for d in sorted(self.durable_dirs, key=len):
+                if os.path.dirname(d) in dirs:
+                    dirs.add(d)
             survivors: dict[str, _Inode] = {}
             for p, inode in self.durable_names.items():
+                if os.path.dirname(p) not in dirs:
+                    continue
                 mode = torn if torn != "random" else rng.choice(["none", "prefix", "garbage"])
                 data = bytearray(inode.durable)
                 current = bytes(inode.data)
@@ -304,3 +412,26 @@ class SimFileSystem:
             # Inodes renamed in place share identity: rebuild both maps from survivors.
             self.names = dict(survivors)
             self.durable_names = dict(survivors)
+            self.dirs = set(dirs)
+            self.durable_dirs = set(dirs)
+            for path in sorted(self._databases):
+                _copy_committed(self._real(path, old), self._real(path, self.generation))
+
+
+def _copy_committed(src: str, dst: str) -> None:
+    """What a power loss leaves of a SQLite database that commits with synchronous=FULL:
+    every committed transaction, nothing of one in progress (another thread's)."""
+    if not os.path.exists(src):
+        return
+    if os.path.getsize(src) == 0 and not os.path.exists(src + "-wal"):
+        open(dst, "wb").close()
+        return
+    source = sqlite3.connect(src)
+    try:
+        target = sqlite3.connect(dst)
+        try:
+            source.backup(target)  # a read transaction: the last commit, whatever else runs
+        finally:
+            target.close()
+    finally:
+        source.close()
