@@ -181,8 +181,15 @@ def test_power_loss_mid_delivery_applies_each_increment_once(scenario, tmp_path)
     acked: list[str] = []
     tried: set[str] = set()
     cycles = scenario.iterations(30)
+    apply = make_apply(db.param)
+
+    def alive_only(conn, batch):  # a machine without power applies nothing
+        if not fs.alive():
+            raise ConnectionError("the machine is down")
+        apply(conn, batch)
+
     for cycle in range(cycles):
-        b = DurableBatcher(log_dir, ApplySink(db.url, make_apply(db.param)), _fs=fs,
+        b = DurableBatcher(log_dir, ApplySink(db.url, alive_only), _fs=fs,
                            flush_concurrency=rng.choice([1, 4]), max_delay=0.001, max_items=20,
                            segment_bytes=rng.choice([512, 1 << 20]), max_log_bytes=1 << 30,
                            checkpoint_interval=rng.choice([0.0, 0.002, 0.05]))

@@ -881,6 +881,24 @@ def test_write_failure_raises_log_write_error_and_the_log_stays_usable() -> None
     log.close()
 
 
+def test_an_io_error_on_a_synchronous_write_poisons_the_log_like_a_failed_fsync() -> None:
+    # With O_DSYNC segments the write is the sync: EIO from it leaves the file in an
+    # unknown state, so it must be treated as a failed fdatasync, not undone and forgotten.
+    fs = SimFileSystem()
+    log = sim_log(fs)
+    commit(log, "a")
+    fs.fail("write", errno.EIO)
+    with pytest.raises(LogFailed, match="refuses writes until reopened"):
+        log.append(pack(["b"]), 1)
+    assert log.failed is not None
+    with pytest.raises(LogFailed):
+        log.append(pack(["c"]), 1)
+    log.close()
+    log = sim_log(fs)
+    assert log.failed is None and commit(log, "c") in (2, 3)
+    log.close()
+
+
 def test_failure_to_create_a_segment_is_a_write_error_and_the_log_stays_usable() -> None:
     fs = SimFileSystem()
     log = sim_log(fs, segment_bytes=1)

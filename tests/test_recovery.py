@@ -289,3 +289,27 @@ def test_a_damaged_header_write_of_a_new_segment_past_delivered_records(tmp_path
     assert verify_json(d, 0)["lost_seqs"] == []
     with DurableBatcher(d, None) as w:
         assert w.submit("x").seq == nxt
+
+
+def test_the_quarantine_directory_survives_a_power_loss_right_after_a_repair() -> None:
+    # quarantine/ was made but its entry in the data directory never fsync'd: a power
+    # loss could take the directory, and the segments a repair had moved into it.
+    from simfs import SimFileSystem
+
+    from walbatch.quarantine import Quarantine
+
+    fs = SimFileSystem()
+    fs.makedirs("/d/segments")
+    fs.fsync_dir("/d")
+    seg = "/d/segments/00000000000000000005.wal"
+    handle = fs.open_append(seg)
+    handle.write(b"some records")
+    handle.sync()
+    handle.close()
+    fs.fsync_dir("/d/segments")
+    q = Quarantine(fs, "/d")
+    moved = q.move_in(seg, ".misplaced")
+    q.add([({"kind": "test", "bytes_file": "x.bin"}, b"raw")])
+    fs.crash()
+    assert fs.exists(moved) and fs.read_file(moved) == b"some records"
+    assert fs.exists(os.path.join(q.dir, "x.bin"))

@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -52,6 +53,10 @@ __all__ = [
     "SEGMENTS_DIR", "SYNCED_FILE", "Finding", "Log", "LogReader", "LostRange", "Marker",
     "RawFrame", "SegmentInfo", "load_marker", "read_marker",
 ]
+
+
+# A write refused for lack of room wrote nothing that matters: undo it and go on.
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class Log:
@@ -311,6 +316,13 @@ class Log:
     def _undo_write(self, before: int, ex: OSError) -> None:
         assert self._fh is not None
         path = self._segments[-1].path
+        if getattr(self._fh, "dsync", False) and ex.errno not in _NO_ROOM:
+            # An O_DSYNC write that failed for another reason (EIO) is a failed sync: the
+            # file's state is unknown, so refuse every later write until reopened (as
+            # after a failed fdatasync; leveldb does the same).
+            self._fail(ex)
+            raise LogFailed(f"synchronous write to {path} failed: {ex}; the log refuses writes "
+                            "until reopened (unsynced data is in an unknown state)") from ex
         try:
             self._fh.truncate(before)
             self._fh.sync()

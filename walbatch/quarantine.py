@@ -74,9 +74,17 @@ class Quarantine:
         return [os.path.join(self.dir, n) for n in sorted(self.fs.listdir(self.dir))
                 if n.endswith(".misplaced")]
 
+    def _ensure_dir(self) -> None:
+        """Make ``quarantine/`` durably: its entry in the data directory is fsync'd before
+        anything is moved or written into it (a power loss must not lose the directory
+        and with it the segments a repair moved there)."""
+        if not self.fs.exists(self.dir):
+            self.fs.makedirs(self.dir)
+            self.fs.fsync_dir(os.path.dirname(self.dir))
+
     def move_in(self, path: str, suffix: str) -> str:
         """Move a whole file (a segment) here, durably; return its new path."""
-        self.fs.makedirs(self.dir)
+        self._ensure_dir()
         dest = os.path.join(self.dir, os.path.basename(path) + suffix)
         n = 1
         while self.fs.exists(dest):  # an earlier copy with the same name: keep both
@@ -94,7 +102,7 @@ class Quarantine:
         """
         if not entries:
             return 0
-        self.fs.makedirs(self.dir)
+        self._ensure_dir()
         known = self.fs.read_file(self.report_path).decode() if self.fs.exists(
             self.report_path) else ""
         lines = []
