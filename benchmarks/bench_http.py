@@ -45,7 +45,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _e2e import BUSY_CORES, cpu_snapshot, drive, log_batcher, other_cpu_cores, threads_label  # noqa: E402
-from bench_submit import fs_type  # noqa: E402
+from _run import fs_type  # noqa: E402
 
 TS = 1700000000.123
 
