@@ -189,7 +189,7 @@ def fmt_value(value: float | None, kind: str) -> str:
     if kind == "fraction":
         return f"{value:.0%}"
     if kind == "rate":
-        return f"{value:,.0f}/s"
+        return f"{value:,.0f}"
     if kind == "mib":
         return f"{value:,.1f} MiB"
     if kind == "us":
