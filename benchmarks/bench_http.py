@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["items_per_s"] = round(r.pop("rate"), 1)
         r["x_per_item"] = round(r["items_per_s"] / base, 3)
+        r["wire_bytes_per_item"] = round(r["wire_bytes"] / r["items"], 2) if r.get("wire_bytes") else None
     write_json(document("http", args.dir, results, [], started=started, script=__file__,
                         argv=argv and [__file__, *argv],
                         settings={"seconds_per_row": args.seconds, "item": make_item(0)}), args.json)

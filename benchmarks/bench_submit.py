@@ -618,7 +618,7 @@ def targets(by_key: dict[str, Result]) -> list[Target]:
             continue
         measured = r.rate / ceiling.rate if r and ceiling and ceiling.rate else None
         detail = (f"{r.rate if r else 0:,.0f} vs {ceiling.rate if ceiling else 0:,.0f} items/s "
-                  f"({CEILING_OF[key]}) in the same run")
+                  f"({CEILING_OF[key]})")
         if key == "walbatch-1t":
             out.append(Target(names[key], measured, needed, "ratio", "naive", detail=detail))
         else:
