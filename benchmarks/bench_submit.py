@@ -704,9 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.keys:
             gc.collect()
             print(f"  running {key} ...", end="", flush=True, file=log)
-            before = cpu_snapshot()
+            perf_pid = trace.proc.pid if trace else None  # perf's own CPU is not a disturbance
+            before = cpu_snapshot(perf_pid)
             r = BENCHES[key](args, workdir, by_key)
-            r.other_cpu = other_cpu_cores(before)
+            r.other_cpu = other_cpu_cores(before, perf_pid)
             if r.other_cpu is not None and r.other_cpu >= BUSY_CORES:
                 r.notes.insert(0, f"WARNING: other processes kept {r.other_cpu:.2f} CPU cores busy during "
                                   "this row; its numbers are disturbed")
