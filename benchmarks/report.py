@@ -321,13 +321,16 @@ def render_generic(name: str) -> Callable[[Docs], str]:
 def render_targets(docs: Docs) -> str:
     """Every target of every benchmark, with the run it comes from."""
     rows = []
-    for name, doc in docs.items():
+    order = ["submit", "daemon", "sqlite", "replay", "apply", "postgresql", "nats", "http"]
+    for name in sorted(docs, key=lambda n: (order.index(n) if n in order else len(order), n)):
+        doc = docs[name]
         for t in doc.get("targets", []):
             unit = f" {t['unit']}" if t.get("unit") else ""
             rows.append([t["name"], fmt_value(t["measured"], t["kind"]),
                          f"{t['op']} {fmt_value(t['needed'], t['kind'])}{unit}",
                          {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]],
-                         f"{name}, {doc.get('date', '?')[:10]}" + (", busy" if doc.get("busy") else "")])
+                         f"{name}, {doc.get('date', '?')[:10]}" + (", quick" if doc.get("quick") else "")
+                         + (", busy" if doc.get("busy") else "")])
     if not rows:
         return footer(None, "all")
     return table(["target (issue 13)", "measured", "needed", "", "run"], rows, right=[1])
