@@ -45,7 +45,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _e2e import BUSY_CORES, cpu_snapshot, drive, log_batcher, other_cpu_cores, threads_label  # noqa: E402
-from bench_submit import fs_type  # noqa: E402
+from _run import document, fs_type, now, write_json  # noqa: E402
 
 TS = 1700000000.123
 
@@ -237,6 +237,7 @@ ROWS: dict[str, Callable[[Server, argparse.Namespace, str], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = now()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each row (default 10)")
@@ -244,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the current directory; avoid a tmpfs)")
     p.add_argument("--only", default="", help="comma-separated row keys (per-item-1t always runs): "
                    + ", ".join(ROWS))
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         serve()
         return 0
+    if args.seconds <= 0:
+        p.error("--seconds must be positive")
     keys = list(ROWS)
     if args.only:
         wanted = {k.strip() for k in args.only.split(",") if k.strip()}
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown rows: {', '.join(sorted(unknown))}")
         keys = [k for k in ROWS if k in wanted or k == "per-item-1t"]
+    os.makedirs(args.dir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="walbatch-bench-http-", dir=args.dir)
     print(f"# bench_http: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, logs on "
           f"{fs_type(workdir)}, {args.seconds:g} s per row", flush=True)
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             other = other_cpu_cores(before)
             if other is not None and r.get("server_cpu") is not None:
                 other -= r["server_cpu"]
-            r["other_cpu"] = other
+            r["other_cores"] = None if other is None else round(other, 3)
             results.append(r)
             print(f"  {key}: {r['rate']:,.0f} items/s", flush=True)
     finally:
@@ -303,12 +307,16 @@ def main(argv: list[str] | None = None) -> int:
           "the server process used. drain s: how long the final flush() took after the submitting "
           "stopped. x per-item: ratio to one POST per item from one thread.")
     for r in results:
-        if r.get("other_cpu") is not None and r["other_cpu"] >= BUSY_CORES:
-            print(f"WARNING: {r['key']}: other processes kept {r['other_cpu']:.2f} CPU cores busy "
+        if r.get("other_cores") is not None and r["other_cores"] >= BUSY_CORES:
+            print(f"WARNING: {r['key']}: other processes kept {r['other_cores']:.2f} CPU cores busy "
                   "during this row; its number is low")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    for r in results:
+        r["items_per_s"] = round(r.pop("rate"), 1)
+        r["x_per_item"] = round(r["items_per_s"] / base, 3)
+        r["wire_bytes_per_item"] = round(r["wire_bytes"] / r["items"], 2) if r.get("wire_bytes") else None
+    write_json(document("http", args.dir, results, [], started=started, script=__file__,
+                        argv=argv and [__file__, *argv],
+                        settings={"seconds_per_row": args.seconds, "item": make_item(0)}), args.json)
     return 0
 
 

@@ -10,10 +10,14 @@ One process, one disk, one writer after the other, each for ``--seconds``:
                   wakes the producers (16 threads / 1,000-item batches / 1,000 asyncio tasks)
 * ``walbatch-*``  DurableBatcher.submit (1 and 16 threads), submit_many(1,000 items),
                   and 1,000 asyncio tasks looping ``await b.asubmit(item)``
+* ``walbatch-16t-half``  16 threads each held to its share of half the rate ``walbatch-16t``
+                  reached in the same run: submit latency when the log is not saturated
+
+Targets are ratios to the minimal writer doing the same job in the same run (issue 13).
+The sync counts come from the system calls the process made (``_syscalls.py``, perf).
 
 Run: ``python benchmarks/bench_submit.py [--seconds 3] [--dir DIR] [--only KEYS] [--json FILE]``.
-See benchmarks/README.md for what each row means. The fsyncs column is counted at the
-operating system: the same rows run again, briefly, in a child process under strace.
+See benchmarks/README.md for what each row means.
 """
 
 from __future__ import annotations
@@ -22,28 +26,23 @@ import argparse
 import asyncio
 import gc
 import itertools
-import json
 import os
-import platform
 import shutil
 import sqlite3
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from _e2e import BUSY_CORES, cpu_snapshot, other_cpu_cores
+from _e2e import cpu_snapshot, other_cpu_cores
+from _run import BUSY_CORES, Target, document, fs_type, now, percentiles_us, print_targets, write_json
+from _syscalls import SyscallTrace
 from crc32c import crc32c
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from systrace import STRACE, durability_points, parse_trace  # noqa: E402
 
 from walbatch import DurableBatcher
 
@@ -52,20 +51,22 @@ THREADS = 16
 BATCH = 1000
 TASKS = 1000
 
-# Targets, as a ratio of items/s to the naive writer measured in the same run.
-TARGETS = {
-    "walbatch-1t": 0.9,
-    "walbatch-16t": 4.0,
-    "walbatch-many": 200.0,
-    "walbatch-aio": 50.0,
-}
-# The minimal writer doing the same job as each walbatch row (compared in the targets section).
+# The minimal writer doing the same job as each walbatch row, and the target: walbatch's
+# items/s as a fraction of that writer's, measured in the same run (issue 13's decision).
 CEILING_OF = {
     "walbatch-1t": "naive",
     "walbatch-16t": "ceiling-16t",
     "walbatch-many": "ceiling-batch",
     "walbatch-aio": "ceiling-aio",
 }
+TARGETS = {
+    "walbatch-1t": 0.95,
+    "walbatch-16t": 0.95,
+    "walbatch-many": 1.00,
+    "walbatch-aio": 0.85,
+}
+# At half the 16-thread throughput, p99 submit latency <= this many times p99 fdatasync latency.
+LATENCY_TARGET = 2.0
 
 
 _FRAME = struct.Struct("<II")  # length, crc32c of the payload
@@ -97,13 +98,18 @@ class Result:
     latency_of: str = "item"
     """What one latency sample times: one item's submit, or one whole 1,000-item call."""
     fsyncs: int | None = None
-    """Durability points (fsync, fdatasync, O_DSYNC writes) counted by strace in the counting run."""
-    fsync_items: int | None = None
-    """Items the counting run acknowledged (it is not the timed run: see count_fsyncs)."""
     commit_groups: int | None = None
     notes: list[str] = field(default_factory=list)
     other_cpu: float | None = None
     """CPU cores other processes used, on average, while this row ran (Linux only)."""
+    window_ns: tuple[int, int] | None = None
+    """The timed window on the monotonic clock (perf's events are picked from it)."""
+    syscalls: dict[str, int] | None = None
+    """Sync system calls made in the timed window (``_syscalls.summarize``), or None."""
+    fdatasync_ns: list[int] = field(default_factory=list, repr=False)
+    """The naive writer's fdatasync calls alone (the latency target's yardstick)."""
+    paced: dict[str, Any] | None = None
+    """For a rate-limited row: the rate asked for and how far behind schedule it fell."""
     _sorted: list[int] | None = field(default=None, repr=False)
 
     @property
@@ -120,12 +126,15 @@ class Result:
         return s[rank] / 1000.0
 
     @property
-    def fsyncs_per_1k(self) -> float | None:
-        if self.fsyncs is None or not self.fsync_items:
+    def syncs_per_1k(self) -> float | None:
+        """Sync system calls per 1,000 items in the timed window (None: not traced)."""
+        if self.syscalls is None or not self.items:
             return None
-        return self.fsyncs * 1000.0 / self.fsync_items
+        return self.syscalls["syncs"] * 1000.0 / self.items
 
-    def to_json(self, naive_rate: float | None) -> dict[str, Any]:
+    def to_json(self, by_key: dict[str, Result]) -> dict[str, Any]:
+        naive = by_key.get("naive")
+        ceiling = by_key.get(CEILING_OF.get(self.key, ""))
         return {
             "key": self.key,
             "writer": self.writer,
@@ -133,15 +142,17 @@ class Result:
             "seconds": round(self.seconds, 4),
             "items_per_s": round(self.rate, 1),
             "latency_of": self.latency_of,
-            "latency_samples": len(self.latencies_ns),
-            "p50_us": self.percentile_us(0.50),
-            "p99_us": self.percentile_us(0.99),
-            "fsyncs": self.fsyncs,
-            "fsyncs_per_1k_items": self.fsyncs_per_1k,
-            "fsyncs_counted_over_items": self.fsync_items,
+            **percentiles_us(self.latencies_ns),
+            "syscalls": self.syscalls,
+            "syncs_per_1k_items": None if self.syncs_per_1k is None else round(self.syncs_per_1k, 3),
+            "stats_fsyncs": self.fsyncs,
             "commit_groups": self.commit_groups,
-            "other_processes_cpu_cores": self.other_cpu,
-            "ratio_to_naive": (self.rate / naive_rate) if naive_rate else None,
+            "fdatasync": percentiles_us(self.fdatasync_ns) if self.fdatasync_ns else None,
+            "paced": self.paced,
+            "other_cores": None if self.other_cpu is None else round(self.other_cpu, 3),
+            "ratio_to_naive": round(self.rate / naive.rate, 4) if naive and naive.rate else None,
+            "ceiling": ceiling.key if ceiling else None,
+            "fraction_of_ceiling": round(self.rate / ceiling.rate, 4) if ceiling and ceiling.rate else None,
             "notes": self.notes,
         }
 
@@ -152,9 +163,20 @@ Op = Callable[[], int]
 """One timed call: submits one or more items, returns how many."""
 
 
-def run_threads(nthreads: int, make_op: Callable[[int], Op], seconds: float) -> tuple[int, float, list[int]]:
-    """Run ``nthreads`` threads calling their op until the deadline; time every call."""
+Run = tuple[int, float, list[int], tuple[int, int]]
+"""(items, seconds, latency samples in ns, (start, end) on the monotonic clock in ns)."""
+
+
+def run_threads(nthreads: int, make_op: Callable[[int], Op], seconds: float, *,
+                interval_ns: int | None = None, lag: list[int] | None = None) -> Run:
+    """Run ``nthreads`` threads calling their op until the deadline; time every call.
+
+    With ``interval_ns`` each thread calls on a fixed schedule, one call per interval
+    (threads staggered evenly), sleeping (untimed) until its next slot; a call that
+    finds its slot past does not sleep. ``lag`` gets each thread's worst lateness.
+    """
     lats: list[list[int]] = [[] for _ in range(nthreads)]
+    late = [0] * nthreads
     counts = [0] * nthreads
     clock: dict[str, int] = {}
     errors: list[BaseException] = []
@@ -173,7 +195,15 @@ def run_threads(nthreads: int, make_op: Callable[[int], Op], seconds: float) -> 
             n = 0
             barrier.wait()
             deadline = clock["deadline"]
+            slot = clock["start"] + (interval_ns * tid // nthreads if interval_ns else 0)
             while True:
+                if interval_ns:
+                    wait = slot - _ns()
+                    if wait > 0:
+                        time.sleep(wait / 1e9)
+                    else:
+                        late[tid] = max(late[tid], -wait)
+                    slot += interval_ns
                 t0 = _ns()
                 n += op()
                 t1 = _ns()
@@ -194,17 +224,19 @@ def run_threads(nthreads: int, make_op: Callable[[int], Op], seconds: float) -> 
             t.start()
         for t in threads:
             t.join()
-    elapsed = (_ns() - clock.get("start", _ns())) / 1e9
+    end = _ns()
+    start = clock.get("start", end)
     if errors:
         raise errors[0]
-    return sum(counts), elapsed, [x for lat in lats for x in lat]
+    if lag is not None:
+        lag.extend(late)
+    return sum(counts), (end - start) / 1e9, [x for lat in lats for x in lat], (start, end)
 
 
 AsyncOp = Callable[[int], Any]  # (item number) -> awaitable
 
 
-def run_tasks(ntasks: int, seconds: float,
-              setup: Callable[[asyncio.AbstractEventLoop], AsyncOp]) -> tuple[int, float, list[int]]:
+def run_tasks(ntasks: int, seconds: float, setup: Callable[[asyncio.AbstractEventLoop], AsyncOp]) -> Run:
     """Run ``ntasks`` asyncio tasks, each looping ``await op(i)`` until the deadline."""
     lat: list[int] = []
     counts = [0] * ntasks
@@ -234,7 +266,7 @@ def run_tasks(ntasks: int, seconds: float,
         clock["end"] = _ns()
 
     asyncio.run(main())
-    return sum(counts), (clock["end"] - clock["start"]) / 1e9, lat
+    return sum(counts), (clock["end"] - clock["start"]) / 1e9, lat, (clock["start"], clock["end"])
 
 
 def counter_from(tid: int) -> Callable[[], int]:
@@ -247,20 +279,25 @@ def counter_from(tid: int) -> Callable[[], int]:
 def bench_naive(workdir: str, seconds: float) -> Result:
     path = os.path.join(workdir, "naive.log")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    syncs: list[int] = []
     try:
         def make_op(tid: int) -> Op:
             nxt = counter_from(tid)
+            append = syncs.append
 
             def op() -> int:
                 os.write(fd, encode_frame(make_item(nxt())))
+                t0 = _ns()
                 os.fdatasync(fd)
+                append(_ns() - t0)
                 return 1
             return op
 
-        items, elapsed, lat = run_threads(1, make_op, seconds)
+        items, elapsed, lat, window = run_threads(1, make_op, seconds)
     finally:
         os.close(fd)
-    return Result("naive", "naive: write + fdatasync per item (1 thread)", items, elapsed, lat)
+    return Result("naive", "naive: write + fdatasync per item (1 thread)", items, elapsed, lat,
+                  window_ns=window, fdatasync_ns=syncs)
 
 
 # ----------------------------------------------------------------------------- sqlite
@@ -286,10 +323,11 @@ def bench_sqlite(workdir: str, seconds: float) -> Result:
                 return 1
             return op
 
-        items, elapsed, lat = run_threads(1, make_op, seconds)
+        items, elapsed, lat, window = run_threads(1, make_op, seconds)
     finally:
         conn.close()
-    return Result("sqlite", "sqlite3 WAL, synchronous=FULL, INSERT+COMMIT per item", items, elapsed, lat)
+    return Result("sqlite", "sqlite3 WAL, synchronous=FULL, INSERT+COMMIT per item", items, elapsed, lat,
+                  window_ns=window)
 
 
 # -------------------------------------------------------------- minimal group commit
@@ -309,6 +347,7 @@ class MinimalGroupWriter:
         self.waiters: list[Any] = []
         self.wake = wake
         self.stopping = False
+        self.fsyncs = 0
         self.thread = threading.Thread(target=self._run, name="minimal-writer", daemon=True)
         self.thread.start()
 
@@ -324,6 +363,7 @@ class MinimalGroupWriter:
                 waiters, self.waiters = self.waiters, []
             os.write(self.fd, b"".join(frames))
             os.fdatasync(self.fd)
+            self.fsyncs += 1
             self.wake(waiters)
 
     def close(self) -> None:
@@ -369,14 +409,15 @@ def bench_ceiling_threads(workdir: str, seconds: float, nthreads: int, batch: in
         return op
 
     try:
-        items, elapsed, lat = run_threads(nthreads, make_op, seconds)
+        items, elapsed, lat, window = run_threads(nthreads, make_op, seconds)
     finally:
         w.close()
     if batch == 1:
         return Result("ceiling-16t" if nthreads == THREADS else f"ceiling-{nthreads}t",
-                      f"minimal group commit, {nthreads} threads", items, elapsed, lat)
+                      f"minimal group commit, {nthreads} threads", items, elapsed, lat, fsyncs=w.fsyncs,
+                      window_ns=window)
     return Result("ceiling-batch", f"minimal group commit, {batch}-item batches ({nthreads} thread)",
-                  items, elapsed, lat, latency_of=f"{batch}-item call")
+                  items, elapsed, lat, latency_of=f"{batch}-item call", fsyncs=w.fsyncs, window_ns=window)
 
 
 def bench_ceiling_tasks(workdir: str, seconds: float, ntasks: int) -> Result:
@@ -406,11 +447,12 @@ def bench_ceiling_tasks(workdir: str, seconds: float, ntasks: int) -> Result:
         return op
 
     try:
-        items, elapsed, lat = run_tasks(ntasks, seconds, setup)
+        items, elapsed, lat, window = run_tasks(ntasks, seconds, setup)
     finally:
         if "w" in holder:
             holder["w"].close()
-    return Result("ceiling-aio", f"minimal group commit, {ntasks} asyncio tasks", items, elapsed, lat)
+    return Result("ceiling-aio", f"minimal group commit, {ntasks} asyncio tasks", items, elapsed, lat,
+                  fsyncs=holder["w"].fsyncs, window_ns=window)
 
 
 # --------------------------------------------------------------------------- walbatch
@@ -426,15 +468,14 @@ class CountingSink:
         self.items += len(batch)
 
 
-def with_batcher(workdir: str, key: str, body: Callable[[DurableBatcher], tuple[int, float, list[int]]],
-                 **result_kw: Any) -> Result:
+def with_batcher(workdir: str, key: str, body: Callable[[DurableBatcher], Run], **result_kw: Any) -> Result:
     """Run ``body`` against a DurableBatcher in a fresh directory; close it cleanly; check it."""
     parent = tempfile.mkdtemp(prefix=f"{key}-", dir=workdir)
     directory = os.path.join(parent, "wal")  # does not exist yet: opened as a brand-new log
     sink = CountingSink()
     b = DurableBatcher(directory, sink)
     try:
-        items, elapsed, lat = body(b)
+        items, elapsed, lat, window = body(b)
         st = b.stats()  # the timed window only: before close() adds its flush and checkpoint
     except BaseException:
         b.close(timeout=5)
@@ -451,15 +492,15 @@ def with_batcher(workdir: str, key: str, body: Callable[[DurableBatcher], tuple[
                       f"of submitted={after.submitted}")
     else:
         notes.append(f"after close: all {after.submitted} items delivered to the sink")
-    notes.append(f"{st.commit_groups} commit groups, "
-                 f"batches {dict((k, v) for k, v in st.batches_by_reason.items() if v)}")
+    notes.append(f"{st.commit_groups} commit groups, {st.fsyncs} fsyncs (incl. segment create and "
+                 f"checkpoints), batches {dict((k, v) for k, v in st.batches_by_reason.items() if v)}")
     shutil.rmtree(parent, ignore_errors=True)
-    return Result(key, items=items, seconds=elapsed, latencies_ns=lat,
-                  commit_groups=st.commit_groups, notes=notes, **result_kw)
+    return Result(key, items=items, seconds=elapsed, latencies_ns=lat, fsyncs=st.fsyncs,
+                  commit_groups=st.commit_groups, notes=notes, window_ns=window, **result_kw)
 
 
 def bench_walbatch_threads(workdir: str, seconds: float, nthreads: int) -> Result:
-    def body(b: DurableBatcher) -> tuple[int, float, list[int]]:
+    def body(b: DurableBatcher) -> Run:
         submit = b.submit
 
         def make_op(tid: int) -> Op:
@@ -476,8 +517,33 @@ def bench_walbatch_threads(workdir: str, seconds: float, nthreads: int) -> Resul
     return with_batcher(workdir, key, body, writer=f"walbatch submit(), {what}")
 
 
+def bench_walbatch_paced(workdir: str, seconds: float, nthreads: int, rate: float) -> Result:
+    """``nthreads`` threads calling submit() on a schedule that adds up to ``rate`` items/s."""
+    interval_ns = max(1, int(nthreads * 1e9 / rate))
+    lag: list[int] = []
+
+    def body(b: DurableBatcher) -> Run:
+        submit = b.submit
+
+        def make_op(tid: int) -> Op:
+            nxt = counter_from(tid)
+
+            def op() -> int:
+                submit(make_item(nxt()))
+                return 1
+            return op
+        return run_threads(nthreads, make_op, seconds, interval_ns=interval_ns, lag=lag)
+
+    r = with_batcher(workdir, "walbatch-16t-half", body,
+                     writer=f"walbatch submit(), {nthreads} threads held to half the 16-thread rate")
+    r.paced = {"asked_items_per_s": round(rate, 1), "worst_lateness_ms": round(max(lag, default=0) / 1e6, 2)}
+    r.notes.insert(0, f"paced: asked {rate:,.0f} items/s, got {r.rate:,.0f}; worst lateness of a thread "
+                      f"against its schedule {max(lag, default=0) / 1e6:.1f} ms")
+    return r
+
+
 def bench_walbatch_many(workdir: str, seconds: float, batch: int) -> Result:
-    def body(b: DurableBatcher) -> tuple[int, float, list[int]]:
+    def body(b: DurableBatcher) -> Run:
         submit_many = b.submit_many
 
         def make_op(tid: int) -> Op:
@@ -494,7 +560,7 @@ def bench_walbatch_many(workdir: str, seconds: float, batch: int) -> Result:
 
 
 def bench_walbatch_tasks(workdir: str, seconds: float, ntasks: int) -> Result:
-    def body(b: DurableBatcher) -> tuple[int, float, list[int]]:
+    def body(b: DurableBatcher) -> Run:
         def setup(loop: asyncio.AbstractEventLoop) -> AsyncOp:
             asubmit = b.asubmit
             return lambda i: asubmit(make_item(i))
@@ -510,21 +576,25 @@ def fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
-def print_table(results: list[Result], naive_rate: float | None, out: Any = sys.stdout) -> None:
-    head = ["writer", "items/s", "p50 µs", "p99 µs", "latency of", "fsyncs/1k items", "x naive"]
+def print_table(results: list[Result], by_key: dict[str, Result], out: Any = sys.stdout) -> None:
+    head = ["writer", "items/s", "p50 µs", "p99 µs", "latency of", "syncs/1k items", "x naive",
+            "of its ceiling"]
+    naive = by_key.get("naive")
     rows = []
     for r in results:
+        ceiling = by_key.get(CEILING_OF.get(r.key, ""))
         rows.append([
             r.writer,
             f"{r.rate:,.0f}",
             fmt(r.percentile_us(0.50), ",.0f"),
             fmt(r.percentile_us(0.99), ",.0f"),
             r.latency_of,
-            fmt(r.fsyncs_per_1k, ",.2f"),
-            fmt(r.rate / naive_rate if naive_rate else None, ",.2f") + ("x" if naive_rate else ""),
+            fmt(r.syncs_per_1k, ",.2f"),
+            fmt(r.rate / naive.rate if naive and naive.rate else None, ",.2f") + ("x" if naive else ""),
+            fmt(r.rate / ceiling.rate if ceiling and ceiling.rate else None, ".0%"),
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    right = {1, 2, 3, 5, 6}
+    right = {1, 2, 3, 5, 6, 7}
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -537,113 +607,55 @@ def print_table(results: list[Result], naive_rate: float | None, out: Any = sys.
         print(line(row), file=out)
 
 
-def targets_report(by_key: dict[str, Result], naive_rate: float | None) -> list[dict[str, Any]]:
+def targets(by_key: dict[str, Result]) -> list[Target]:
+    """Issue 13's targets: each walbatch row against its ceiling, and the latency target."""
     out = []
-    for key, target in TARGETS.items():
-        r = by_key.get(key)
-        if r is None or not naive_rate:
+    names = {"walbatch-1t": "submit(), 1 thread", "walbatch-16t": "submit(), 16 threads",
+             "walbatch-many": "submit_many(1000)", "walbatch-aio": "asubmit(), 1,000 asyncio tasks"}
+    for key, needed in TARGETS.items():
+        r, ceiling = by_key.get(key), by_key.get(CEILING_OF[key])
+        if r is None and ceiling is None:
             continue
-        ratio = r.rate / naive_rate
-        ceiling = by_key.get(CEILING_OF[key])
-        out.append({
-            "key": key,
-            "writer": r.writer,
-            "ratio_to_naive": ratio,
-            "target": target,
-            "met": ratio >= target,
-            "ceiling": ceiling.key if ceiling else None,
-            "ceiling_ratio_to_naive": ceiling.rate / naive_rate if ceiling else None,
-            "fraction_of_ceiling": r.rate / ceiling.rate if ceiling and ceiling.rate else None,
-        })
+        measured = r.rate / ceiling.rate if r and ceiling and ceiling.rate else None
+        detail = (f"{r.rate if r else 0:,.0f} vs {ceiling.rate if ceiling else 0:,.0f} items/s "
+                  f"({CEILING_OF[key]})")
+        if key == "walbatch-1t":
+            out.append(Target(names[key], measured, needed, "ratio", "naive", detail=detail))
+        else:
+            out.append(Target(names[key], measured, needed, "fraction", f"of {CEILING_OF[key]}",
+                              detail=detail))
+    half, naive = by_key.get("walbatch-16t-half"), by_key.get("naive")
+    if half is not None:
+        p99 = half.percentile_us(0.99)
+        sync99 = percentiles_us(naive.fdatasync_ns)["p99_us"] if naive and naive.fdatasync_ns else None
+        out.append(Target(
+            "p99 submit latency at half the 16-thread rate", p99 / sync99 if p99 and sync99 else None,
+            LATENCY_TARGET, "ratio", "p99 fdatasync", op="<=",
+            detail=f"p99 submit {fmt(p99, ',.0f')} µs at {half.rate:,.0f} items/s; p99 fdatasync "
+                   f"{fmt(sync99, ',.0f')} µs (naive row)"))
     return out
 
 
 # -------------------------------------------------------------------------------- main
 
-BENCHES: dict[str, Callable[[argparse.Namespace, str], Result]] = {
-    "naive": lambda a, d: bench_naive(d, a.seconds),
-    "sqlite": lambda a, d: bench_sqlite(d, a.seconds),
-    "ceiling-16t": lambda a, d: bench_ceiling_threads(d, a.seconds, THREADS, 1),
-    "ceiling-batch": lambda a, d: bench_ceiling_threads(d, a.seconds, 1, BATCH),
-    "ceiling-aio": lambda a, d: bench_ceiling_tasks(d, a.seconds, TASKS),
-    "walbatch-1t": lambda a, d: bench_walbatch_threads(d, a.seconds, 1),
-    "walbatch-16t": lambda a, d: bench_walbatch_threads(d, a.seconds, THREADS),
-    "walbatch-many": lambda a, d: bench_walbatch_many(d, a.seconds, BATCH),
-    "walbatch-aio": lambda a, d: bench_walbatch_tasks(d, a.seconds, TASKS),
+BENCHES: dict[str, Callable[[argparse.Namespace, str, dict[str, Result]], Result]] = {
+    "naive": lambda a, d, done: bench_naive(d, a.seconds),
+    "sqlite": lambda a, d, done: bench_sqlite(d, a.seconds),
+    "ceiling-16t": lambda a, d, done: bench_ceiling_threads(d, a.seconds, THREADS, 1),
+    "ceiling-batch": lambda a, d, done: bench_ceiling_threads(d, a.seconds, 1, BATCH),
+    "ceiling-aio": lambda a, d, done: bench_ceiling_tasks(d, a.seconds, TASKS),
+    "walbatch-1t": lambda a, d, done: bench_walbatch_threads(d, a.seconds, 1),
+    "walbatch-16t": lambda a, d, done: bench_walbatch_threads(d, a.seconds, THREADS),
+    "walbatch-16t-half": lambda a, d, done: bench_walbatch_paced(d, a.seconds, THREADS,
+                                                                 done["walbatch-16t"].rate / 2),
+    "walbatch-many": lambda a, d, done: bench_walbatch_many(d, a.seconds, BATCH),
+    "walbatch-aio": lambda a, d, done: bench_walbatch_tasks(d, a.seconds, TASKS),
 }
+NEEDS = {"walbatch-16t-half": ["walbatch-16t"]}
+"""Rows another row takes a number from (always run first)."""
 
 
-# The files each row writes in the work directory (the walbatch rows: a "<key>-*" directory).
-CEILING_FILES = {f"ceiling-{THREADS}-1.log": "ceiling-16t", f"ceiling-1-{BATCH}.log": "ceiling-batch",
-                 "ceiling-aio.log": "ceiling-aio", "naive.log": "naive"}
-COUNTED_CALLS = "open,openat,creat,write,writev,pwrite64,pwritev,pwritev2,fsync,fdatasync,dup,dup2,dup3"
-
-
-def row_of(relpath: str) -> str | None:
-    top = relpath.split(os.sep)[0]
-    if top in CEILING_FILES:
-        return CEILING_FILES[top]
-    if top.startswith("bench.db"):
-        return "sqlite"
-    return next((k for k in BENCHES if k.startswith("walbatch-") and top.startswith(k + "-")), None)
-
-
-def count_fsyncs(args: argparse.Namespace, keys: list[str], results: list[Result]) -> str:
-    """Fill each result's fsyncs from a second, shorter run of the same rows under strace.
-
-    Counted at the operating system (fsync, fdatasync, writes to O_DSYNC descriptors,
-    directory fsyncs) on each row's own files, including creating and closing a log.
-    strace's seccomp filter stops only at those calls, so the run is barely slowed; but
-    a traced call takes tens of microseconds longer, which can make commit groups a
-    little larger than in the timed run. Returns a note for the report.
-    """
-    if STRACE is None:
-        return "fsyncs not counted: strace is not installed (Debian: apt-get install strace)"
-    with tempfile.TemporaryDirectory(prefix="walbatch-bench-count-", dir=args.dir) as tmp:
-        trace, out = os.path.join(tmp, "trace"), os.path.join(tmp, "rows.json")
-        cmd = [STRACE, "--seccomp-bpf", "-f", "-qq", "-e", "signal=none", "-y", "-xx", "-s", "0",
-               "-e", f"trace={COUNTED_CALLS}", "-o", trace, sys.executable, os.path.abspath(__file__),
-               "--seconds", str(args.fsync_seconds), "--dir", tmp, "--only", ",".join(keys),
-               "--json", out, "--fsyncs", "off"]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            return f"fsyncs not counted: the traced run failed ({proc.stderr.strip()[-300:]})"
-        with open(out) as f:
-            doc = json.load(f)
-        workdir = doc["info"]["dir"]
-        per_row: Counter[str] = Counter()
-        for path, n in durability_points(parse_trace(trace), workdir).items():
-            row = row_of(os.path.relpath(path, workdir))
-            if row is not None:
-                per_row[row] += n
-    items = {r["key"]: r["items"] for r in doc["results"]}
-    for r in results:
-        if r.key in items:
-            r.fsyncs, r.fsync_items = per_row.get(r.key, 0), items[r.key]
-    return (f"fsyncs/1k items: counted with strace in a second run of the same rows "
-            f"({args.fsync_seconds:g} s each): fsync, fdatasync, O_DSYNC writes and directory "
-            "fsyncs on each row's files, including creating and closing a walbatch log.")
-
-
-def fs_type(path: str) -> str:
-    """The file system type of ``path`` from /proc/mounts (Linux), or '?'."""
-    try:
-        with open("/proc/mounts") as f:
-            mounts = [line.split() for line in f]
-    except OSError:
-        return "?"
-    path = os.path.realpath(path)
-    best = ("", "?")
-    for m in mounts:
-        if len(m) < 3:
-            continue
-        inside = path == m[1] or path.startswith(m[1].rstrip("/") + "/")
-        if inside and len(m[1]) >= len(best[0]):
-            best = (m[1], m[2])
-    return best[1]
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="rows (for --only): " + ", ".join(BENCHES))
@@ -651,89 +663,92 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=".", help="where to make the temp directory (default: the current "
                    "directory, so the benchmark measures that disk; not /tmp, which may be tmpfs)")
     p.add_argument("--only", default="", help="comma-separated row keys to run (naive always runs too, "
-                   "as the baseline of the ratios)")
-    p.add_argument("--json", metavar="FILE", help="also dump the results as JSON to FILE ('-' for stdout)")
-    p.add_argument("--fsyncs", choices=["strace", "off"], default="strace",
-                   help="count each row's fsyncs in a second, traced run (default) or not at all")
-    p.add_argument("--fsync-seconds", type=float, default=1.0,
-                   help="duration of each row in the counting run (default 1)")
+                   "as the baseline of the ratios, and so does a row another needs)")
+    p.add_argument("--syscalls", choices=("perf", "off"), default="perf",
+                   help="count sync system calls per row with perf (default; the sync column is "
+                        "empty, saying why, when perf cannot run) or not at all")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
     args = p.parse_args(argv)
-
+    if args.seconds <= 0:
+        p.error("--seconds must be positive")
     keys = list(BENCHES)
     if args.only:
         wanted = [k.strip() for k in args.only.split(",") if k.strip()]
         unknown = [k for k in wanted if k not in BENCHES]
         if unknown:
             p.error(f"unknown row(s) {unknown}; choose from {', '.join(BENCHES)}")
+        wanted += [n for k in wanted for n in NEEDS.get(k, [])]
+        if "walbatch-16t-half" in wanted:
+            wanted.append("naive")
         keys = ["naive"] + [k for k in keys if k in wanted and k != "naive"]
+    args.keys = keys
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    started = now()
+    args = parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="walbatch-bench-", dir=args.dir)
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "dir": workdir,
-        "fs_type": fs_type(workdir),
-        "seconds_per_writer": args.seconds,
-        "threads": THREADS,
-        "batch": BATCH,
-        "tasks": TASKS,
-        "item": make_item(0),
-        "walbatch_sink": "in-process callable counting delivered items; the flusher thread runs "
-                         "(decode, batch, deliver, checkpoint) as in real use",
-    }
+    fs = fs_type(workdir)
     log = sys.stderr
-    print(f"walbatch submit benchmark: Python {info['python']}, {info['cpus']} CPUs, "
-          f"{args.seconds:g} s per writer, in {workdir} ({info['fs_type']})", file=log)
+    print(f"walbatch submit benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+          f"{args.seconds:g} s per writer, in {workdir} ({fs})", file=log)
+    trace = SyscallTrace.start(workdir) if args.syscalls == "perf" else None
+    why_no_syscalls = None if trace else (SyscallTrace.why_not or "--syscalls off")
+    if why_no_syscalls:
+        print(f"  sync system calls not counted: {why_no_syscalls}", file=log)
     results: list[Result] = []
+    by_key: dict[str, Result] = {}
     try:
-        for key in keys:
+        for key in args.keys:
             gc.collect()
             print(f"  running {key} ...", end="", flush=True, file=log)
-            before = cpu_snapshot()
-            r = BENCHES[key](args, workdir)
-            r.other_cpu = other_cpu_cores(before)
+            perf_pid = trace.proc.pid if trace else None  # perf's own CPU is not a disturbance
+            before = cpu_snapshot(perf_pid)
+            r = BENCHES[key](args, workdir, by_key)
+            r.other_cpu = other_cpu_cores(before, perf_pid)
             if r.other_cpu is not None and r.other_cpu >= BUSY_CORES:
                 r.notes.insert(0, f"WARNING: other processes kept {r.other_cpu:.2f} CPU cores busy during "
                                   "this row; its numbers are disturbed")
             results.append(r)
+            by_key[key] = r
             print(f" {r.rate:,.0f} items/s", file=log, flush=True)
     finally:
+        if trace is not None:
+            trace.stop()
+            if trace.events is None:
+                why_no_syscalls = trace.error
         shutil.rmtree(workdir, ignore_errors=True)
-    fsync_note = "fsyncs not counted (--fsyncs off)"
-    if args.fsyncs == "strace":
-        print("  counting fsyncs in a traced run ...", end="", flush=True, file=log)
-        fsync_note = count_fsyncs(args, keys, results)
-        print(" done", file=log)
+    if trace is not None and trace.events is not None:
+        for r in results:
+            if r.window_ns:
+                r.syscalls = trace.window(r.window_ns[0] / 1e9, r.window_ns[1] / 1e9)
 
-    by_key = {r.key: r for r in results}
-    naive_rate = by_key["naive"].rate if "naive" in by_key else None
-
+    naive = by_key.get("naive")
     print()
     print(f"Acknowledged-write throughput: every item is written and fdatasync'd before its submit "
-          f"returns. Python {info['python']}, {info['cpus']} CPUs, {info['fs_type']} at {args.dir!r}, "
-          f"{args.seconds:g} s per writer, item {info['item']}.")
+          f"returns. Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {fs} at {args.dir!r}, "
+          f"{args.seconds:g} s per writer, item {make_item(0)}.")
     print("walbatch rows: the sink is an in-process callable that only counts items; the flusher "
           "thread still decodes, batches, delivers and checkpoints as in real use (same process, same GIL).")
     print()
-    print_table(results, naive_rate)
+    print_table(results, by_key)
     print()
     print("latency of: 'item' = one submit call; '1000-item call' = one whole submit_many / batch call "
-          f"(not per item). {fsync_note}")
+          "(not per item). syncs/1k items: fsync + fdatasync + O_DSYNC writes the process made in the "
+          "timed window, counted by perf" + (f" (not counted: {why_no_syscalls})" if why_no_syscalls else "")
+          + ". of its ceiling: items/s over the minimal writer doing the same job.")
+    if naive and naive.fdatasync_ns:
+        p = percentiles_us(naive.fdatasync_ns)
+        print(f"fdatasync alone (naive row): p50 {p['p50_us']:,.0f} µs, p99 {p['p99_us']:,.0f} µs")
     busy = [r for r in results if r.other_cpu is not None and r.other_cpu >= BUSY_CORES]
     if busy:
         print(f"WARNING: the machine was not quiet: other processes used >= {BUSY_CORES} CPU cores during "
               f"{', '.join(r.key for r in busy)}; rerun on an idle machine for numbers to compare.")
-    tr = targets_report(by_key, naive_rate)
-    if tr:
-        print()
-        print("Targets (items/s ratio to naive in this run):")
-        for t in tr:
-            ceil = (f"; the minimal writer ({t['ceiling']}) does {t['ceiling_ratio_to_naive']:.2f}x, "
-                    f"walbatch reaches {t['fraction_of_ceiling']:.0%} of it") if t["ceiling"] else ""
-            print(f"  {t['writer']:<42} {t['ratio_to_naive']:8.2f}x  target >= {t['target']:g}x  "
-                  f"{'met' if t['met'] else 'MISSED'}{ceil}")
+    tr = targets(by_key)
+    print()
+    print_targets(tr)
     notes = [(r.key, n) for r in results for n in r.notes]
     if notes:
         print()
@@ -742,14 +757,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key}: {n}")
 
     if args.json:
-        doc = {"info": info, "naive_items_per_s": naive_rate,
-               "results": [r.to_json(naive_rate) for r in results], "targets": tr}
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        rows = [r.to_json(by_key) for r in results]
+        doc = document("submit", workdir, rows, tr, started=started, argv=argv and [__file__, *argv],
+                       script=__file__,
+                       settings={"seconds_per_writer": args.seconds, "threads": THREADS, "batch": BATCH,
+                                 "tasks": TASKS, "item": make_item(0)},
+                       syscalls_counted_by="perf record of syscall tracepoints" if not why_no_syscalls
+                       else None,
+                       syscalls_not_counted=why_no_syscalls)
+        doc["machine"]["fs_type"] = fs
+        write_json(doc, args.json)
     return 0
 
 
