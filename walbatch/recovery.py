@@ -47,7 +47,15 @@ from .fileio import FileSystem
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, Frame, decode_header
 from .marker import Marker, load_marker
 from .quarantine import Quarantine, Reported
-from .segment import Damage, SegmentInfo, SegmentScan, parse_segment_name, scan_segment, segment_name
+from .segment import (
+    Damage,
+    SegmentBytes,
+    SegmentInfo,
+    SegmentScan,
+    parse_segment_name,
+    scan_segment,
+    segment_name,
+)
 
 log = logging.getLogger("walbatch")
 
@@ -309,23 +317,34 @@ class _Pass:
     # ------------------------------------------------------------- the walk
 
     def walk(self) -> None:
-        pending: tuple[int, str, bytes, SegmentScan] | None = None
+        # Segments are read a window at a time (SegmentBytes), never whole: this walk
+        # runs at every open, and its memory must not grow with the segment size.
+        pending: tuple[int, str, SegmentBytes, SegmentScan] | None = None
         kept = False  # an in-place segment was kept (not covered by the checkpoint)
-        for first, path in self.names:
-            data = self.fs.read_file(path)
-            scan = scan_segment(path, data)
-            kind = self._classify(first, scan)
-            if kind != "in place":
-                self._add_misplaced(first, path, scan, kind)
-                continue
-            if scan.frames:
-                self.end = max(self.end, max(f.last_seq for f in scan.frames))
-                self.held.append((scan.frames[0].first_seq, max(f.last_seq for f in scan.frames)))
+        opened: list[SegmentBytes] = []
+        try:
+            for first, path in self.names:
+                data = SegmentBytes(self.fs, path)
+                opened.append(data)
+                scan = scan_segment(path, data, merge=True)  # runs: one object per run
+                kind = self._classify(first, scan)
+                if kind != "in place":
+                    self._add_misplaced(first, path, scan, kind)
+                    continue
+                if scan.frames:
+                    self.end = max(self.end, max(f.last_seq for f in scan.frames))
+                    self.held.append((scan.frames[0].first_seq, max(f.last_seq for f in scan.frames)))
+                if pending is not None:
+                    kept = self._segment(*pending, next_first=first, covered_ok=not kept) or kept
+                pending = (first, path, data, scan)
+                for done in opened[:-1]:  # only the pending segment stays open
+                    done.close()
+                del opened[:-1]
             if pending is not None:
-                kept = self._segment(*pending, next_first=first, covered_ok=not kept) or kept
-            pending = (first, path, data, scan)
-        if pending is not None:
-            self._segment(*pending, next_first=None, covered_ok=False)
+                self._segment(*pending, next_first=None, covered_ok=False)
+        finally:
+            for data in opened:
+                data.close()
         self._end_of_log()
 
     def _classify(self, first: int, scan: SegmentScan) -> str:
@@ -361,7 +380,7 @@ class _Pass:
                              seqs if seqs[0] <= seqs[1] else None)
         self.misplaced.append(m)
 
-    def _segment(self, first: int, path: str, data: bytes, scan: SegmentScan,
+    def _segment(self, first: int, path: str, data: SegmentBytes, scan: SegmentScan,
                  next_first: int | None, covered_ok: bool) -> bool:
         """Check one in-place segment; return True if it stays in the log."""
         is_last = next_first is None
@@ -396,7 +415,7 @@ class _Pass:
                                          sealed=damaged_last or bool(scan.header_error)))
         return True
 
-    def _frames(self, first: int, path: str, data: bytes, scan: SegmentScan,
+    def _frames(self, first: int, path: str, data: SegmentBytes, scan: SegmentScan,
                 next_first: int | None) -> tuple[int, bool]:
         """Walk a segment's frames and damaged ranges in file order; return (its last
         seq, whether the damage reaches its end)."""
@@ -466,7 +485,7 @@ class _Pass:
             damaged_last = next_first is None
         return last_seq, damaged_last
 
-    def _tail(self, path: str, data: bytes, scan: SegmentScan,
+    def _tail(self, path: str, data: SegmentBytes, scan: SegmentScan,
               next_first: int | None) -> tuple[int, bool]:
         """Bytes after the last valid frame of a segment; return (size kept, sealed)."""
         at = scan.tail_at
@@ -589,6 +608,7 @@ class _Pass:
                 m.same = self._same_records(m.path)
 
     def _same_records(self, path: str) -> bool:
+        # Frame by frame, not in runs: a copy may hold a prefix of the original's runs.
         scan = scan_segment(path, data := self.fs.read_file(path))
         cache: dict[str, tuple[bytes, dict[int, Frame]]] = {}
         for f in scan.frames:
@@ -613,7 +633,8 @@ class _Pass:
             return []
         candidates = [m for m in self.misplaced if m.kind == "misplaced" and not m.same]
         for path in staged:
-            scan = scan_segment(path, self.fs.read_file(path))
+            with SegmentBytes(self.fs, path) as data:
+                scan = scan_segment(path, data, merge=True)
             if scan.frames and scan.log_id in (None, self.cp.log_id):
                 candidates.append(_Misplaced(path, 0, "misplaced", scan.frames[0].first_seq,
                                              max(f.last_seq for f in scan.frames), staged=True))

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from .durable import DurableBatcher
 from .errors import WalbatchError
 from .log import Finding, Log
@@ -94,19 +96,46 @@ class ScanResult:
 def scan(data_dir: str | os.PathLike[str]) -> ScanResult:
     """Read the backlog as a replay would, without delivering or changing anything.
 
-    Works beside a running writer. Raises WalbatchError if a record cannot be
-    decoded (a writer bug, not disk damage).
+    Every frame's checksum is verified (by the reader) and its payload must hold
+    exactly the frame's count of whole msgpack values; the values are walked, not
+    built, which is what makes a scan several times faster than a delivery. Works
+    beside a running writer. Raises WalbatchError for a payload that does not hold
+    its items (a writer bug, not disk damage).
     """
     log = Log.open(os.fspath(data_dir), readonly=True, on_corruption="report")
     try:
+        start = log.checkpoint.seq + 1
+        reader = log.reader(start)
         n = lost = 0
         try:
-            for _seq, _item, is_lost in log.records(log.checkpoint.seq + 1):
-                n += 1
-                lost += is_lost
-        except WalbatchError as ex:
-            raise WalbatchError(f"{ex} (after {n} good records)") from ex
+            while frames := reader.read():
+                for f in frames:
+                    first = max(f.first_seq, start)
+                    count = f.first_seq + f.count - first
+                    if f.payload is None:
+                        lost += count
+                    else:
+                        _check_payload(f.payload, f.count, f.first_seq, n)
+                    n += count
+        finally:
+            reader.close()
         return ScanResult(log.checkpoint.seq, n - lost, lost,
                           [f for f in log.findings if f.is_corruption])
     finally:
         log.close()
+
+
+def _check_payload(payload: bytes | memoryview, count: int, first_seq: int, good: int) -> None:
+    """Raise WalbatchError unless ``payload`` is exactly ``count`` whole msgpack values."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(payload), 1 << 20))
+    unpacker.feed(payload)
+    try:
+        for _ in range(count):
+            unpacker.skip()
+        whole = unpacker.tell() == len(payload)
+    except (ValueError, msgpack.UnpackException) as ex:  # OutOfData, FormatError, ...
+        raise WalbatchError(f"undecodable payload at seq {first_seq}: {ex} "
+                            f"(after {good} good records)") from ex
+    if not whole:
+        raise WalbatchError(f"the payload at seq {first_seq} holds more than its {count} "
+                            f"items (after {good} good records)")
