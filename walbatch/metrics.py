@@ -135,9 +135,10 @@ class AckClock:
     ``last_seq`` were acknowledged at ``time`` or up to ``grain`` later, so an age
     read from them is at most ``grain`` too old, never too young. Items already in
     the log when it was opened count from the open: their acknowledgement time
-    was not recorded. At most ``max_marks`` are kept: past that, every other one is
-    dropped and ``grain`` doubles, which bounds memory however long the sink is
-    down (a day of outage at 4,096 marks is a precision of about 40 seconds).
+    was not recorded. At most ``max_marks`` are kept: past that, the marks are
+    merged into coarser ones (``grain`` at least doubles), which bounds memory
+    however long the sink is down (a day of outage at 4,096 marks is a precision
+    of about 40 seconds).
     """
 
     def __init__(self, synced_at_open: int, grain: float = 0.1, max_marks: int = 4096,
@@ -159,11 +160,24 @@ class AckClock:
                 return
             marks.append((last_seq, now))
             if len(marks) > self.max_marks:
-                kept = list(marks)
-                # Pairs merge into the later seq at the earlier time: ages only grow.
-                self._marks = deque((kept[i + 1][0] if i + 1 < len(kept) else kept[i][0],
-                                     kept[i][1]) for i in range(0, len(kept), 2))
-                self.grain *= 2
+                self._coarsen(now)
+
+    def _coarsen(self, now: float) -> None:
+        """(Holding the lock.) Re-bucket every mark at a grain that leaves half the room.
+
+        A bucket keeps its earliest time and its latest seq, so ages only grow, and
+        no bucket spans more than the new grain: the error stays under ``grain`` for
+        old marks and new ones alike.
+        """
+        span = now - self._marks[0][1]
+        self.grain = max(self.grain * 2, span / (self.max_marks // 2))
+        merged: deque[tuple[int, float]] = deque()
+        for seq, t in self._marks:
+            if merged and t - merged[-1][1] < self.grain:
+                merged[-1] = (seq, merged[-1][1])
+            else:
+                merged.append((seq, t))
+        self._marks = merged
 
     def oldest_age(self, done_through: int, synced: int) -> float:
         """Seconds since the first seq after ``done_through`` was acknowledged (0: none pending)."""
