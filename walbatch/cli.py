@@ -255,6 +255,10 @@ def _fail(ex: BaseException) -> click.ClickException:
 @click.option("--http-read-timeout", type=click.FloatRange(min=0.01, max=MAX_SECONDS), default=30.0,
               show_default=True, envvar="WALBATCH_HTTP_READ_TIMEOUT",
               help="A POST body not received within this many seconds gets 408.")
+@click.option("--otel", is_flag=True, default=False, envvar="WALBATCH_OTEL",
+              help="Trace deliveries with OpenTelemetry (walbatch[otel]), linked to the submitters' "
+                   "spans (HTTP traceparent); export as any OpenTelemetry program does "
+                   "(e.g. opentelemetry-instrument).")
 @click.option("--ready-sink-grace", type=click.FloatRange(min=0, max=MAX_SECONDS), default=60.0,
               show_default=True, envvar="WALBATCH_READY_SINK_GRACE",
               help="/readyz turns 503 once the sink has been failing for longer than this.")
@@ -265,7 +269,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
           strict_modes: bool, http_address: str | None, http_max_body: int,
           http_token_file: str | None, http_high_water: float, http_low_water: float,
           http_retry_after: int, http_idle_timeout: float, http_read_timeout: float,
-          ready_sink_grace: float, **kwargs: Any) -> None:
+          otel: bool, ready_sink_grace: float, **kwargs: Any) -> None:
     """Run the daemon: take items over a Unix socket (and HTTP), fsync, batch them to the sink.
 
     Every setting is a flag, a WALBATCH_* environment variable or a key in the
@@ -284,6 +288,13 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     from .sinks.urls import redacted
 
     logfmt.setup(log_level, log_format)
+    if otel:
+        try:
+            from .tracing import require
+
+            require()
+        except ImportError as ex:
+            raise click.ClickException(str(ex)) from None
     http = None
     if http_address:
         try:
@@ -304,7 +315,8 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
                            token=_read_token(http_token_file) if http_token_file else None,
                            high_water=http_high_water, low_water=http_low_water,
                            retry_after=http_retry_after, ready_sink_grace=ready_sink_grace,
-                           idle_timeout=http_idle_timeout, read_timeout=http_read_timeout)
+                           idle_timeout=http_idle_timeout, read_timeout=http_read_timeout,
+                           traced=otel)
     try:
         mode = int(socket_mode, 8)
     except ValueError:
@@ -336,7 +348,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     server = Server(batcher, ServerOptions(
         socket_path=socket_path, socket_mode=mode, socket_group=socket_group,
         allow_uids=tuple(allow_uid), allow_gids=tuple(allow_gid), max_frame_bytes=max_frame_bytes,
-        shutdown_timeout=shutdown_timeout, http=http,
+        shutdown_timeout=shutdown_timeout, http=http, otel=otel,
         sink_label=redacted(sink) if isinstance(sink, str) else repr(sink)))
     try:
         asyncio.run(server.serve())

@@ -26,7 +26,7 @@ from .commit import GroupCommitter
 from .datadir import check_private
 from .delivery import Delivery, Stats, close_sink
 from .dlq import DeadLetterStore
-from .errors import Closed, LogFull
+from .errors import Closed, LogFailed, LogFull
 from .events import StateLog
 from .fileio import FileSystem
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
@@ -309,6 +309,11 @@ class DurableBatcher:
         return str(self._log.log_id)
 
     @property
+    def sink(self) -> Any:
+        """The sink items are delivered to (the object a URL was resolved to); None for a writer."""
+        return self._sink
+
+    @property
     def initial_checkpoint(self) -> Checkpoint:
         """The checkpoint found at open: what was delivered before this batcher started."""
         return self._initial_checkpoint
@@ -511,7 +516,11 @@ class DurableBatcher:
     def broken(self) -> BaseException | None:
         """Why this batcher can take or deliver nothing more until reopened: the log
         failed (an fsync error) or delivery stopped (a corrupt log); None while it works."""
-        return self._log.failed or self._delivery.progress.fatal
+        failed = self._log.failed
+        if failed is not None:
+            return failed if isinstance(failed, LogFailed) else LogFailed(
+                f"the log failed ({failed}) and refuses writes until it is reopened")
+        return self._delivery.progress.fatal
 
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, deliver what can be delivered within ``timeout``, close.

@@ -67,6 +67,9 @@ class HttpOptions:
     """A connection with no complete request for this long is closed (slow headers too)."""
     read_timeout: float = 30.0
     """A request body not received within this many seconds gets 408."""
+    traced: bool = False
+    """Honour a W3C ``traceparent``: each POST is a span, which its items' delivery
+    spans link to (walbatch.tracing; needs walbatch[otel])."""
 
 
 def require() -> Any:
@@ -212,13 +215,23 @@ class HttpListener:
             items = parse_items(body, ctype == NDJSON)
         except ValueError as ex:
             return _json(400, {"error": f"{ex}; nothing was written"})
+        if not self.opts.traced:
+            return await self._submit(items, ctype, key[0] if key else None)
+        from opentelemetry import propagate, trace
+
+        with trace.get_tracer("walbatch").start_as_current_span(
+                "walbatch http submit", context=propagate.extract(request.headers),
+                kind=trace.SpanKind.SERVER, attributes={"walbatch.items": len(items)}):
+            return await self._submit(items, ctype, key[0] if key else None)
+
+    async def _submit(self, items: list[Any], ctype: str, key: str | None) -> Any:
         b = self.batcher
         try:
             if ctype == JSON:
-                r = await b.asubmit(items[0], key=key[0] if key else None)
+                r = await b.asubmit(items[0], key=key)
                 first, count = r.seq, 1
             else:
-                rs = await b.asubmit_many(items, key=key[0] if key else None)
+                rs = await b.asubmit_many(items, key=key)
                 first, count = rs.first_seq, rs.count
         except (TypeError, ValueError) as ex:  # a value msgpack cannot hold, a bad key
             return _json(400, {"error": str(ex)})

@@ -71,6 +71,8 @@ class ServerOptions:
     """How the start line names the sink (its URL without credentials)."""
     status_interval: float = 1.0
     """Seconds between the monitor's turns (systemd status, watchdog, water marks)."""
+    otel: bool = False
+    """Trace deliveries with OpenTelemetry (walbatch.tracing), with the global tracer provider."""
 
 
 class Server:
@@ -104,6 +106,10 @@ class Server:
         sock = self._listening_socket()
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
         try:
+            if self.opts.otel:
+                from . import tracing
+
+                tracing.trace(self.batcher, sink=self.opts.sink_label or None)
             if self.opts.http is not None:
                 await self._start_http(self.opts.http)
         except BaseException:
