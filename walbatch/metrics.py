@@ -116,7 +116,7 @@ class _Observer(Observer):
     def fsynced(self, seconds: float, first_seq: int, count: int) -> None:
         self._fsync(seconds)
         self._group(count)
-        self._acked(first_seq + count - 1)
+        self._acked(first_seq)
 
     def batch_closed(self, reason: str, items: int) -> None:
         self._batch(items)
@@ -131,14 +131,16 @@ class _Observer(Observer):
 class AckClock:
     """When the oldest pending item was acknowledged, to within ``grain`` seconds.
 
-    Marks are ``(last_seq, time)``: the seqs after the previous mark up to
-    ``last_seq`` were acknowledged at ``time`` or up to ``grain`` later, so an age
-    read from them is at most ``grain`` too old, never too young. Items already in
-    the log when it was opened count from the open: their acknowledgement time
-    was not recorded. At most ``max_marks`` are kept: past that, the marks are
+    A mark ``(first_seq, time)`` says: the seqs from ``first_seq`` on were
+    acknowledged at ``time`` or later. A new mark is made at most once per
+    ``grain`` (the first group commit after it passed), so the hot path is one
+    clock read and a comparison; the age of a seq is read from the last mark at
+    or before it, so it is at most ``grain`` too old, never too young. Items
+    already in the log at start count from the start: their acknowledgement
+    time was not recorded. At most ``max_marks`` are kept: past that, they are
     merged into coarser ones (``grain`` at least doubles), which bounds memory
-    however long the sink is down (a day of outage at 4,096 marks is a precision
-    of about 40 seconds).
+    however long the sink is down (a day of outage at 4,096 marks is a
+    precision of about 40 seconds).
     """
 
     def __init__(self, synced_at_open: int, grain: float = 0.1, max_marks: int = 4096,
@@ -149,34 +151,33 @@ class AckClock:
         self._opened = clock()
         self._open_seq = synced_at_open
         self._marks: deque[tuple[int, float]] = deque()
+        self._next = -1e18  # no mark before this time (read without the lock: one writer)
         self._lock = threading.Lock()
 
-    def acked(self, last_seq: int) -> None:
+    def acked(self, first_seq: int) -> None:
+        """Seqs from ``first_seq`` on were just acknowledged (called in seq order)."""
         now = self._clock()
+        if now < self._next:
+            return
         with self._lock:
-            marks = self._marks
-            if marks and now - marks[-1][1] < self.grain:
-                marks[-1] = (max(last_seq, marks[-1][0]), marks[-1][1])
-                return
-            marks.append((last_seq, now))
-            if len(marks) > self.max_marks:
+            self._marks.append((first_seq, now))
+            if len(self._marks) > self.max_marks:
                 self._coarsen(now)
+            self._next = now + self.grain
 
     def _coarsen(self, now: float) -> None:
-        """(Holding the lock.) Re-bucket every mark at a grain that leaves half the room.
+        """(Holding the lock.) Merge marks at a grain that leaves half the room.
 
-        A bucket keeps its earliest time and its latest seq, so ages only grow, and
-        no bucket spans more than the new grain: the error stays under ``grain`` for
-        old marks and new ones alike.
+        Of marks less than the new grain apart only the earliest stays: it covers
+        the later ones' seqs at an earlier time, so ages only grow, by less than
+        the grain.
         """
         span = now - self._marks[0][1]
         self.grain = max(self.grain * 2, span / (self.max_marks // 2))
         merged: deque[tuple[int, float]] = deque()
-        for seq, t in self._marks:
-            if merged and t - merged[-1][1] < self.grain:
-                merged[-1] = (seq, merged[-1][1])
-            else:
-                merged.append((seq, t))
+        for mark in self._marks:
+            if not merged or mark[1] - merged[-1][1] >= self.grain:
+                merged.append(mark)
         self._marks = merged
 
     def oldest_age(self, done_through: int, synced: int) -> float:
@@ -184,13 +185,16 @@ class AckClock:
         if done_through >= synced:
             return 0.0
         now = self._clock()
-        if done_through < self._open_seq:
+        oldest = done_through + 1
+        if oldest <= self._open_seq:
             return now - self._opened
         with self._lock:
             marks = self._marks
-            while marks and marks[0][0] <= done_through:
-                marks.popleft()
-            return now - marks[0][1] if marks else 0.0
+            while len(marks) > 1 and marks[1][0] <= oldest:
+                marks.popleft()  # delivered: the next mark covers the oldest pending seq
+            if marks and marks[0][0] <= oldest:
+                return now - marks[0][1]
+        return now - self._opened
 
 
 class _StatsCollector:
