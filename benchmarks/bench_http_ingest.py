@@ -2,6 +2,8 @@
 
     python benchmarks/bench_http_ingest.py [--seconds 3] [--dir DIR] [--json FILE]
 
+(run_all.py does not run it yet; its JSON follows benchmarks/_run.py like the others.)
+
 Rows, each against a fresh `walbatch serve` (no-op sink, `benchmarks/_nullsink.py`) fed by
 8 client *processes*:
 
@@ -28,6 +30,10 @@ import sys
 import tempfile
 import textwrap
 import time
+from typing import Any
+
+from _e2e import BUSY_CORES, cpu_snapshot, other_cpu_cores
+from _run import Target, document, now, print_targets, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ITEM = {"user_id": 1, "action": "login", "ts": 1700000000.123}
@@ -132,39 +138,76 @@ def run_row(base: str, seconds: float, transport: str, batch: int, per_client: i
             "items_per_s": items / elapsed, "items": items}
 
 
-ROWS = [("socket", 1000, 8), ("http", 1000, 4), ("http", 1, 16), ("socket", 1, 256)]
+
+BATCH_FRACTION = 0.5  # issue 12: NDJSON batches >= 50% of the socket's pipelined batches
+ROWS = [  # (key, transport, items per request, in flight or connections per client)
+    ("socket-8c-1000", "socket", 1000, 8),
+    ("http-8c-ndjson-1000", "http", 1000, 4),
+    ("http-8c-json-1", "http", 1, 16),
+    ("socket-8c-1", "socket", 1, 256),
+]
 
 
-def main() -> None:
+def describe(transport: str, batch: int, per_client: int) -> str:
+    if transport == "socket":
+        what = "1,000 items" if batch > 1 else "1 item"
+        return f"Unix socket, 8 client processes, {what} per request (up to {per_client} in flight)"
+    what = "NDJSON 1,000 items" if batch > 1 else "JSON 1 item"
+    return f"HTTP, 8 client processes, {what} per POST ({per_client} connections each)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per row (default 3)")
     ap.add_argument("--dir", default=".", help="where the logs go (the disk under test)")
-    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout)")
+    args = ap.parse_args(argv)
+    if args.seconds <= 0:
+        ap.error("--seconds must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = now()
+    args = parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
     base = tempfile.mkdtemp(prefix="walbatch-bench-", dir=args.dir)
+    rows: list[dict[str, Any]] = []
     try:
-        rows = [run_row(base, args.seconds, t, b, k) for t, b, k in ROWS]
+        for key, transport, batch, per_client in ROWS:
+            before = cpu_snapshot()
+            r = run_row(base, args.seconds, transport, batch, per_client)
+            other = other_cpu_cores(before)
+            r.update(key=key, writer=describe(transport, batch, per_client),
+                     other_cores=None if other is None else round(other, 3),
+                     items_per_s=round(r["items_per_s"], 1))
+            rows.append(r)
+            print(f"  {key}: {r['items_per_s']:,.0f} items/s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     reference = rows[0]["items_per_s"]
-    ratio = rows[1]["items_per_s"] / reference
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "http_ingest", "seconds": args.seconds, "rows": rows,
-                       "ndjson_vs_socket_batches": ratio, "target": 0.5}, f, indent=2)
-    print("walbatch serve: HTTP ingest next to the Unix socket (8 client processes, no-op sink; "
-          "every counted item was fsync'd)")
-    print(f"{'writer':<58} {'items/s':>12} {'vs socket batches':>18}")
     for r in rows:
-        what = "1,000 items/request" if r["batch"] == 1000 else "1 item/request"
-        how = (f"{r['per_client']} in flight" if r["transport"] == "socket"
-               else f"{r['per_client']} connections")
-        name = f"{r['transport']}, {what}, {how} per client"
-        print(f"{name:<58} {r['items_per_s']:>12,.0f} {r['items_per_s'] / reference:>17.2f}x")
-    verdict = "met" if ratio >= 0.5 else "NOT met"
-    print(f"target: HTTP NDJSON 1,000-item POSTs >= 50% of the socket's pipelined batches: "
-          f"{ratio:.0%} ({verdict})")
+        r["x_socket_batches"] = round(r["items_per_s"] / reference, 4)
+    ndjson = rows[1]
+    targets = [Target("HTTP NDJSON 1,000-item POSTs", ndjson["x_socket_batches"], BATCH_FRACTION,
+                      "fraction", "of the socket's pipelined 1,000-item requests",
+                      detail=f"{ndjson['items_per_s']:,.0f} vs {reference:,.0f} items/s; clients "
+                             f"and daemon on the same {os.cpu_count()} cores")]
+    print("walbatch serve: HTTP ingest next to the Unix socket (no-op sink; every counted item "
+          "was fsync'd)")
+    print(f"{'writer':<80} {'items/s':>12} {'vs socket':>10}")
+    for r in rows:
+        print(f"{r['writer']:<80} {r['items_per_s']:>12,.0f} {r['x_socket_batches']:>9.2f}x")
+    for r in rows:
+        if r["other_cores"] is not None and r["other_cores"] >= BUSY_CORES:
+            print(f"WARNING: other processes kept {r['other_cores']:.2f} CPU cores busy during {r['key']}")
+    print_targets(targets)
+    write_json(document("http_ingest", args.dir, rows, targets, started=started, script=__file__,
+                        argv=argv and [__file__, *argv],
+                        settings={"seconds_per_row": args.seconds, "item": ITEM,
+                                  "sink": "no-op (benchmarks/_nullsink.py)"}), args.json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

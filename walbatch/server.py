@@ -161,10 +161,10 @@ class Server:
                         "log_id": b.log_id, "sink": self.opts.sink_label,
                         "backlog": b.backlog_at_open, "version": __version__})
 
-    def status(self) -> str:
-        """One line for systemd's STATUS=: backlog, log fill, the sink."""
+    def status(self, s: Any = None) -> str:
+        """One line for systemd's STATUS=: backlog, log fill, the sink (``s``: a stats snapshot)."""
         b = self.batcher
-        s = b.stats()
+        s = s or b.stats()
         cap = b.options.max_log_bytes
         parts = [f"{s.pending} pending", f"log {100.0 * s.log_bytes / cap:.0f}% full"]
         broken = b.broken
@@ -188,8 +188,9 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.backpressure.update(self.batcher.stats().log_bytes)
-                notes = [f"STATUS={self.status()}"]
+                s = self.batcher.stats()
+                self.backpressure.update(s.log_bytes)
+                notes = [f"STATUS={self.status(s)}"]
                 if watchdog is not None and not isinstance(self.batcher.broken, LogFailed):
                     notes.append("WATCHDOG=1")
                 sd_notify("\n".join(notes))
