@@ -245,3 +245,10 @@ def test_json_lines_carry_a_traceback_as_one_field():
                                    sys.exc_info())
     value = json.loads(JsonFormatter().format(record))
     assert "ValueError: bug" in value["exception"]
+
+
+def test_a_delivery_stop_nobody_observes_is_still_logged(caplog):
+    obs = Observers()
+    with caplog.at_level(logging.ERROR, "walbatch"):
+        obs.delivery_stopped(RuntimeError("flusher bug"))
+    assert "delivery stopped: RuntimeError: flusher bug" in caplog.text

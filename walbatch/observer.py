@@ -84,6 +84,15 @@ def _noop(*_args: Any) -> None:
     return None
 
 
+def _stopped_loudly(error: BaseException) -> None:
+    # Without an observer (the state log removed, a bare Flusher) a stop is still no secret.
+    log.error("walbatch: delivery stopped: %s: %s", type(error).__name__, error, exc_info=error)
+
+
+_UNHEARD = {"delivery_stopped": _stopped_loudly}
+"""What a hook nobody overrides does, where the no-op would hide something."""
+
+
 class Observers:
     """The observers of one batcher, called as one.
 
@@ -117,7 +126,7 @@ class Observers:
     def _rebuild(self) -> None:
         for name in HOOKS:
             fns = [getattr(o, name) for o in self._all if _overrides(o, name)]
-            setattr(self, name, self._guarded(fns) if fns else _noop)
+            setattr(self, name, self._guarded(fns) if fns else _UNHEARD.get(name, _noop))
 
     def _guarded(self, fns: list[Callable[..., None]]) -> Callable[..., None]:
         if len(fns) == 1:
