@@ -425,6 +425,28 @@ def test_malformed_requests_get_400_or_a_closed_connection(shared, request_bytes
     assert shared.get_json("/healthz")[0] == 200
 
 
+def test_a_body_that_does_not_decode_is_400(shared):
+    answer = refused_nothing_written(shared, 400, b"this is not gzip",
+                                     {**NDJSON, "Content-Encoding": "gzip"})
+    assert "could not be read" in answer["error"] and "gzip" in answer["error"]
+
+
+def test_a_flood_of_malformed_requests_is_a_few_log_lines_without_tracebacks(tmp_path, daemons):
+    d = daemons("flood")
+    before = len(d.log_lines())
+    for i in range(50):
+        s = raw(d)
+        s.sendall(b"POST /v1/items HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                  b"Content-Encoding: br\r\nContent-Length: 2\r\n\r\n{}" if i % 2 else
+                  b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert read_all(s).split(b" ")[1][:1] == b"4"
+        s.close()
+    assert d.get_json("/healthz")[0] == 200
+    new = d.events()[before:]
+    assert 1 <= len([e for e in new if e.get("event") == "http_bad_request"]) <= 2
+    assert not [e for e in new if "exception" in e or e.get("level") == "error"], new
+
+
 def test_many_clients_at_once_all_get_their_answers(shared):
     answers: list[int] = []
     lock = threading.Lock()

@@ -126,7 +126,7 @@ class HttpListener:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/v1/items", self._items)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.opts.idle_timeout,
-                                     shutdown_timeout=5.0)
+                                     shutdown_timeout=5.0, logger=_server_log())
         await self._runner.setup()
         host, port = parse_address(self.opts.address)
         site = web.TCPSite(self._runner, host, port, backlog=1024)
@@ -211,6 +211,10 @@ class HttpListener:
                          {"Connection": "close"})
         except _too_large_error() as ex:
             return self._too_large(getattr(ex, "actual_size", None))
+        except _bad_body_errors() as ex:  # e.g. a Content-Encoding that does not decode
+            why = " ".join(str(getattr(ex, "message", None) or ex).split())
+            return _json(400, {"error": f"the body could not be read ({why}); nothing was "
+                                        "written"}, {"Connection": "close"})
         try:
             items = parse_items(body, ctype == NDJSON)
         except ValueError as ex:
@@ -267,6 +271,49 @@ def _too_large_error() -> type[Exception]:
     from aiohttp import web
 
     return web.HTTPRequestEntityTooLarge
+
+
+def _bad_body_errors() -> tuple[type[Exception], ...]:
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.web import RequestPayloadError
+
+    return HttpProcessingError, RequestPayloadError
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a malformed request as an error with a traceback; it is the client's
+    fault, not ours: one warning line without the traceback, at most every 10 s (with
+    how many were left out), so a hostile client cannot fill the log. Anything else
+    (a bug in a handler) passes unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -1e18
+        self._quiet = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, _bad_body_errors()):
+            return True
+        now = record.created
+        if now - self._last < 10.0:
+            self._quiet += 1
+            return False
+        self._last, quiet, self._quiet = now, self._quiet, 0
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "walbatch: refused a malformed HTTP request (%s: %s)%s"
+        record.args = (type(exc).__name__, " ".join(str(getattr(exc, "message", None) or exc).split()),
+                       f"; {quiet} more in the last 10 s" if quiet else "")
+        record.exc_info = record.exc_text = None
+        record.event = "http_bad_request"
+        return True
+
+
+def _server_log() -> logging.Logger:
+    logger = logging.getLogger("walbatch.http.server")
+    if not any(isinstance(f, _ClientFaults) for f in logger.filters):
+        logger.addFilter(_ClientFaults())
+    return logger
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
