@@ -513,6 +513,20 @@ def test_a_bad_http_address_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
 
+def test_http_from_the_config_file_and_the_environment(tmp_path, daemons):
+    config = tmp_path / "walbatch.toml"
+    config.write_text('http = "127.0.0.1:0"\nhttp_max_body = "1KiB"\nlog_format = "json"\n')
+    d = daemons("toml", start=False)
+    d.cmd = [c for c in d.cmd if c not in ("--http", "127.0.0.1:0")] + ["--config", str(config)]
+    d.start()
+    assert d.post([{"a": "x" * 2000}])[0] == 413  # the file's limit is in force
+    d.stop()
+    d2 = daemons("env", start=False, env={"WALBATCH_HTTP": "127.0.0.1:0"})
+    d2.cmd = [c for c in d2.cmd if c not in ("--http", "127.0.0.1:0")]
+    d2.start()
+    assert d2.post([{"a": 1}])[0] == 200
+
+
 def test_sqlite_default_sink_over_http(tmp_path, daemons):
     d = daemons("sqlite")
     assert d.post([{"user": 1}, {"user": 2}])[0] == 200

@@ -233,7 +233,7 @@ def _fail(ex: BaseException) -> click.ClickException:
 @click.option("--strict-modes/--no-strict-modes", default=True, show_default=True,
               envvar="WALBATCH_STRICT_MODES", show_envvar=True,
               help="Refuse a data or socket directory that another user can write to.")
-@click.option("--http", "http_address", default=None, envvar="WALBATCH_HTTP", metavar="HOST:PORT",
+@click.option("--http", "http", default=None, envvar="WALBATCH_HTTP", metavar="HOST:PORT",
               help="Also listen on HTTP: /metrics, /healthz, /readyz, POST /v1/items "
                    "(e.g. 127.0.0.1:9464; needs walbatch[http]; docs/operations.md).")
 @click.option("--http-max-body", type=Size(min_value=1), default=16 << 20, show_default=True,
@@ -266,7 +266,7 @@ def _fail(ex: BaseException) -> click.ClickException:
 def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode: str,
           socket_group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
           max_frame_bytes: int, shutdown_timeout: float, log_level: str, log_format: str,
-          strict_modes: bool, http_address: str | None, http_max_body: int,
+          strict_modes: bool, http: str | None, http_max_body: int,
           http_token_file: str | None, http_high_water: float, http_low_water: float,
           http_retry_after: int, http_idle_timeout: float, http_read_timeout: float,
           otel: bool, ready_sink_grace: float, **kwargs: Any) -> None:
@@ -295,10 +295,10 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
             require()
         except ImportError as ex:
             raise click.ClickException(str(ex)) from None
-    http = None
-    if http_address:
+    http_opts = None
+    if http:
         try:
-            parse_address(http_address)
+            parse_address(http)
         except ValueError as ex:
             raise click.BadParameter(str(ex), param_hint="--http") from None
         if http_low_water > http_high_water:
@@ -311,7 +311,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
             metrics.require()
         except ImportError as ex:
             raise click.ClickException(str(ex)) from None
-        http = HttpOptions(http_address, max_body=http_max_body,
+        http_opts = HttpOptions(http, max_body=http_max_body,
                            token=_read_token(http_token_file) if http_token_file else None,
                            high_water=http_high_water, low_water=http_low_water,
                            retry_after=http_retry_after, ready_sink_grace=ready_sink_grace,
@@ -348,7 +348,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     server = Server(batcher, ServerOptions(
         socket_path=socket_path, socket_mode=mode, socket_group=socket_group,
         allow_uids=tuple(allow_uid), allow_gids=tuple(allow_gid), max_frame_bytes=max_frame_bytes,
-        shutdown_timeout=shutdown_timeout, http=http, otel=otel,
+        shutdown_timeout=shutdown_timeout, http=http_opts, otel=otel,
         sink_label=redacted(sink) if isinstance(sink, str) else repr(sink)))
     try:
         asyncio.run(server.serve())
