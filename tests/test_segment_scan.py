@@ -86,4 +86,4 @@ def test_merged_runs_cover_exactly_the_frames(data):
         assert inside and inside[0].offset == r.offset and inside[-1].end == r.end
         assert inside[0].first_seq == r.first_seq and sum(f.count for f in inside) == r.count
         assert all(a.end == b.offset and a.first_seq + a.count == b.first_seq
-                   for a, b in zip(inside, inside[1:]))
+                   for a, b in zip(inside, inside[1:], strict=False))

@@ -226,27 +226,97 @@ def _fail(ex: BaseException) -> click.ClickException:
               help="On SIGTERM/SIGINT, deliver for at most this long, then exit leaving the rest in the log.")
 @click.option("--log-level", default="info", show_default=True, envvar="WALBATCH_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, envvar="WALBATCH_LOG_FORMAT",
+              type=click.Choice(["text", "json"]),
+              help="text for people; json: one object per line with the fields of each state "
+                   "change (docs/operations.md).")
 @click.option("--strict-modes/--no-strict-modes", default=True, show_default=True,
               envvar="WALBATCH_STRICT_MODES", show_envvar=True,
               help="Refuse a data or socket directory that another user can write to.")
+@click.option("--http", "http", default=None, envvar="WALBATCH_HTTP", metavar="HOST:PORT",
+              help="Also listen on HTTP: /metrics, /healthz, /readyz, POST /v1/items "
+                   "(e.g. 127.0.0.1:9464; needs walbatch[http]; docs/operations.md).")
+@click.option("--http-max-body", type=Size(min_value=1), default=16 << 20, show_default=True,
+              envvar="WALBATCH_HTTP_MAX_BODY", help="Largest POST body; a larger one gets 413.")
+@click.option("--http-token-file", type=click.Path(dir_okay=False), default=None,
+              envvar="WALBATCH_HTTP_TOKEN_FILE",
+              help="File holding a bearer token that POST /v1/items must present (else 401).")
+@click.option("--http-high-water", type=click.FloatRange(0, 1, min_open=True), default=0.8,
+              show_default=True, envvar="WALBATCH_HTTP_HIGH_WATER",
+              help="Fraction of max_log_bytes from which POSTs get 429 ...")
+@click.option("--http-low-water", type=click.FloatRange(0, 1, min_open=True), default=0.6,
+              show_default=True, envvar="WALBATCH_HTTP_LOW_WATER",
+              help="... until the log is back below this fraction.")
+@click.option("--http-retry-after", type=click.IntRange(0, 3600), default=1, show_default=True,
+              envvar="WALBATCH_HTTP_RETRY_AFTER", help="Retry-After seconds of a 429 or 503.")
+@click.option("--http-idle-timeout", type=click.FloatRange(min=0.01, max=MAX_SECONDS), default=15.0,
+              show_default=True, envvar="WALBATCH_HTTP_IDLE_TIMEOUT",
+              help="Close an HTTP connection that sends no complete request for this long.")
+@click.option("--http-read-timeout", type=click.FloatRange(min=0.01, max=MAX_SECONDS), default=30.0,
+              show_default=True, envvar="WALBATCH_HTTP_READ_TIMEOUT",
+              help="A POST body not received within this many seconds gets 408.")
+@click.option("--otel", is_flag=True, default=False, envvar="WALBATCH_OTEL",
+              help="Trace deliveries with OpenTelemetry (walbatch[otel]), linked to the submitters' "
+                   "spans (HTTP traceparent); export as any OpenTelemetry program does "
+                   "(e.g. opentelemetry-instrument).")
+@click.option("--ready-sink-grace", type=click.FloatRange(min=0, max=MAX_SECONDS), default=60.0,
+              show_default=True, envvar="WALBATCH_READY_SINK_GRACE",
+              help="/readyz turns 503 once the sink has been failing for longer than this.")
 @batcher_options
 def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode: str,
           socket_group: str | None, allow_uid: tuple[int, ...], allow_gid: tuple[int, ...],
-          max_frame_bytes: int, shutdown_timeout: float, log_level: str, strict_modes: bool,
-          **kwargs: Any) -> None:
-    """Run the daemon: take items over a Unix socket, fsync, batch them to the sink.
+          max_frame_bytes: int, shutdown_timeout: float, log_level: str, log_format: str,
+          strict_modes: bool, http: str | None, http_max_body: int,
+          http_token_file: str | None, http_high_water: float, http_low_water: float,
+          http_retry_after: int, http_idle_timeout: float, http_read_timeout: float,
+          otel: bool, ready_sink_grace: float, **kwargs: Any) -> None:
+    """Run the daemon: take items over a Unix socket (and HTTP), fsync, batch them to the sink.
 
     Every setting is a flag, a WALBATCH_* environment variable or a key in the
     --config TOML file (flag > env > file > default). SIGTERM or SIGINT stops
-    it gracefully. docs/protocol.md describes the socket protocol.
+    it gracefully. docs/protocol.md describes the socket protocol,
+    docs/operations.md the HTTP listener, metrics, logs and alerts.
 
     \b
     Example:
         walbatch serve --data-dir /var/lib/walbatch --sink "sqlite:///events.db?table=events"
+        walbatch serve --http 127.0.0.1:9464 --log-format json
     """
+    from . import logfmt
+    from .httpd import HttpOptions, parse_address
     from .server import Server, ServerOptions
+    from .sinks.urls import redacted
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logfmt.setup(log_level, log_format)
+    if otel:
+        try:
+            from .tracing import require
+
+            require()
+        except ImportError as ex:
+            raise click.ClickException(str(ex)) from None
+    http_opts = None
+    if http:
+        try:
+            parse_address(http)
+        except ValueError as ex:
+            raise click.BadParameter(str(ex), param_hint="--http") from None
+        if http_low_water > http_high_water:
+            raise click.UsageError(f"--http-low-water ({http_low_water}) may not exceed "
+                                   f"--http-high-water ({http_high_water})")
+        try:
+            from . import httpd, metrics
+
+            httpd.require()
+            metrics.require()
+        except ImportError as ex:
+            raise click.ClickException(str(ex)) from None
+        http_opts = HttpOptions(http, max_body=http_max_body,
+                           token=_read_token(http_token_file) if http_token_file else None,
+                           high_water=http_high_water, low_water=http_low_water,
+                           retry_after=http_retry_after, ready_sink_grace=ready_sink_grace,
+                           idle_timeout=http_idle_timeout, read_timeout=http_read_timeout,
+                           traced=otel)
     try:
         mode = int(socket_mode, 8)
     except ValueError:
@@ -278,12 +348,28 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
     server = Server(batcher, ServerOptions(
         socket_path=socket_path, socket_mode=mode, socket_group=socket_group,
         allow_uids=tuple(allow_uid), allow_gids=tuple(allow_gid), max_frame_bytes=max_frame_bytes,
-        shutdown_timeout=shutdown_timeout))
+        shutdown_timeout=shutdown_timeout, http=http_opts, otel=otel,
+        sink_label=redacted(sink) if isinstance(sink, str) else repr(sink)))
     try:
         asyncio.run(server.serve())
     except (OSError, ValueError) as ex:
+        # It never served: the error is the one line to print, not a close summary.
+        logging.getLogger("walbatch").setLevel(logging.WARNING)
         batcher.close(shutdown_timeout)
         raise _fail(ex) from None
+
+
+def _read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace removed); a usage error if none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as ex:
+        raise click.BadParameter(f"cannot read {path}: {ex}", param_hint="--http-token-file") from None
+    if not token or any(c.isspace() for c in token):
+        raise click.BadParameter(f"{path} must hold one token: no spaces, not empty",
+                                 param_hint="--http-token-file")
+    return token
 
 
 # -------------------------------------------------------- operator commands

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 from .errors import Closed
 from .log import Log
+from .observer import Observers
 
 log = logging.getLogger("walbatch")
 
@@ -44,8 +46,10 @@ class GroupCommitter:
         log: Log,
         on_durable: Callable[[int, int, bytes], None],
         max_group_bytes: int = 4 << 20,
+        observers: Observers | None = None,
     ) -> None:
         self.log = log
+        self.observers = observers or Observers()
         self.on_durable = on_durable
         self.max_group_bytes = max_group_bytes
         self.groups = 0
@@ -112,6 +116,8 @@ class GroupCommitter:
                 size += len(w.payload)
         count = sum(w.count for w in group) if len(group) > 1 else group[0].count
         payload = group[0].payload if len(group) == 1 else b"".join(w.payload for w in group)
+        t0 = time.perf_counter()
+        took = -1.0
         try:
             first = self.log.append(payload, count)
             self.log.sync()
@@ -119,6 +125,7 @@ class GroupCommitter:
             for w in group:
                 w.error = ex
         else:
+            took = time.perf_counter() - t0
             seq = first
             for w in group:
                 w.first_seq = seq
@@ -137,6 +144,8 @@ class GroupCommitter:
         for w in group[1:]:
             assert w.wake is not None
             w.wake.release()
+        if took >= 0:  # after the waiters go, before the next leader: calls stay in seq order
+            self.observers.fsynced(took, first, count)
         self._pass_lead()
 
     def close(self) -> None:

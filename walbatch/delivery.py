@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dlq import DLQ_FILE, DeadLetterStore, record_lost
+from .events import StateLog
 from .flusher import Flusher
 from .log import Log
+from .observer import Observers
 from .options import Options
 
 log = logging.getLogger("walbatch")
@@ -66,6 +68,9 @@ class Stats:
     """The circuit breaker: ``off`` (not configured), ``closed``, ``open`` or ``half_open``."""
     breaker_opens: int = 0
     """How many times the circuit breaker opened."""
+    done_through: int = 0
+    """Every seq up to this one is delivered or dead-lettered (the checkpoint follows it
+    within ``checkpoint_interval``); the oldest pending item is the next one."""
 
 
 def close_sink(sink: Any) -> None:
@@ -96,6 +101,10 @@ class Delivery:
         gone = "missing" if not os.path.exists(dlq_path) else (
             "empty" if os.path.getsize(dlq_path) == 0 else None)
         self.dead_letters = DeadLetterStore(dlq_path)
+        self.observers = Observers()
+        """The data path's hooks (walbatch.observer): metrics, state-change logs, tracing."""
+        self.state_log = StateLog(lambda: self.stats().pending)
+        self.observers.add(self.state_log)
         try:
             if gone and log_.checkpoint.dead_lettered:
                 _record_store_lost(self.dead_letters, log_, gone)
@@ -106,7 +115,7 @@ class Delivery:
                     log.info("walbatch: %d dead letter(s) past the checkpoint are delivered "
                              "again (their batch was not checkpointed)", again)
             self.flusher = Flusher(log_, sink, self.dead_letters, opts, follow=follow,
-                                   on_space=self._space_freed)
+                                   on_space=self._space_freed, observers=self.observers)
         except BaseException:
             self.dead_letters.close()
             raise
@@ -187,6 +196,7 @@ class Delivery:
             batch_limit=batch_limit,
             breaker_state=breaker_state[0],
             breaker_opens=breaker_state[1],
+            done_through=done,
         )
 
     # ------------------------------------------------------------ closing

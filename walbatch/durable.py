@@ -26,11 +26,13 @@ from .commit import GroupCommitter
 from .datadir import check_private
 from .delivery import Delivery, Stats, close_sink
 from .dlq import DeadLetterStore
-from .errors import Closed, LogFull
+from .errors import Closed, LogFailed, LogFull
+from .events import StateLog
 from .fileio import FileSystem
 from .framing import FRAME_HEADER_SIZE, HEADER_SIZE, MAX_FRAME_PAYLOAD
 from .keys import check_key, wrap, wrap_many
 from .log import Log
+from .observer import Observers
 from .options import Options
 from .sinks import resolve_sink
 
@@ -275,17 +277,22 @@ class DurableBatcher:
         try:
             self._delivery = Delivery(self._log, self._sink, opts)
             self._committer = GroupCommitter(self._log, self._delivery.flusher.on_durable,
-                                             opts.max_group_bytes)
+                                             opts.max_group_bytes, self._delivery.observers)
         except BaseException:
             close_sink(self._sink)
             self._log.close()
             raise
         self.dead_letters: DeadLetterStore = self._delivery.dead_letters
         """The log's dead-letter store (``dead_letters.requeue(batcher.submit_many)``)."""
+        self.observers: Observers = self._delivery.observers
+        """Hooks on the data path (walbatch.observer): ``observers.add(obs)``."""
+        self.state_log: StateLog = self._delivery.state_log
+        """The observer that logs each state change and knows since when the sink fails."""
         self._room = threading.Condition(threading.Lock())
         self._closing = False
         self._close_lock = threading.Lock()
         self._closed = threading.Event()
+        self._completed_at_close = 0
         self._aio_pool: ThreadPoolExecutor | None = None
         self._aio_state: weakref.WeakKeyDictionary[Any, _AioQueue] = weakref.WeakKeyDictionary()
         self._delivery.on_space = self._notify_room
@@ -300,6 +307,11 @@ class DurableBatcher:
     @property
     def log_id(self) -> str:
         return str(self._log.log_id)
+
+    @property
+    def sink(self) -> Any:
+        """The sink items are delivered to (the object a URL was resolved to); None for a writer."""
+        return self._sink
 
     @property
     def initial_checkpoint(self) -> Checkpoint:
@@ -326,7 +338,9 @@ class DurableBatcher:
         data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
         self._wait_for_room(len(data))
-        return Receipt(self._committer.commit(data, 1), self._delivery)
+        seq = self._committer.commit(data, 1)
+        self.observers.submitted(seq, 1)
+        return Receipt(seq, self._delivery)
 
     def submit_many(self, items: Iterable[Any], key: str | int | bytes | None = None) -> Receipts:
         """Durably append all ``items`` in one write and one fsync (all under ``key``).
@@ -340,7 +354,9 @@ class DurableBatcher:
             return Receipts(self._log.synced_seq + 1, 0, self._delivery)
         _check_frame_size(len(payload))
         self._wait_for_room(len(payload))
-        return Receipts(self._committer.commit(payload, count), count, self._delivery)
+        first = self._committer.commit(payload, count)
+        self.observers.submitted(first, count)
+        return Receipts(first, count, self._delivery)
 
     def _commit_payload(self, payload: bytes, count: int) -> int:
         self._wait_for_room(len(payload))
@@ -355,7 +371,9 @@ class DurableBatcher:
         """
         data = _encode(item) if key is None else _encode_keyed(item, key)
         _check_frame_size(len(data))
-        return await self._aio_enqueue(data, 1, False)
+        receipt: Receipt = await self._aio_enqueue(data, 1, False)
+        self.observers.submitted(receipt.seq, 1)  # in the caller's task: its trace context
+        return receipt
 
     async def asubmit_many(self, items: Iterable[Any],
                            key: str | int | bytes | None = None) -> Receipts:
@@ -366,7 +384,9 @@ class DurableBatcher:
                 raise Closed("the batcher is closed")
             return Receipts(self._log.synced_seq + 1, 0, self._delivery)
         _check_frame_size(len(payload))
-        return await self._aio_enqueue(payload, count, True)
+        receipts: Receipts = await self._aio_enqueue(payload, count, True)
+        self.observers.submitted(receipts.first_seq, count)
+        return receipts
 
     def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> asyncio.Future[Any]:
         """Queue a payload for this loop's next group commit; the future gets its receipt(s).
@@ -442,6 +462,7 @@ class DurableBatcher:
             raise LogFull(f"an item of {nbytes} bytes can never fit in max_log_bytes="
                           f"{opts.max_log_bytes}; nothing was written")
         deadline = time.monotonic() + opts.submit_timeout
+        self.observers.log_full(self._log.total_bytes, opts.max_log_bytes)
         while self._log.total_bytes + nbytes > opts.max_log_bytes:
             if self._sink is None:
                 self._log.reconcile()  # a follower may have delivered and deleted segments
@@ -491,6 +512,16 @@ class DurableBatcher:
     def stats(self) -> Stats:
         return self._delivery.stats(self._committer.groups)
 
+    @property
+    def broken(self) -> BaseException | None:
+        """Why this batcher can take or deliver nothing more until reopened: the log
+        failed (an fsync error) or delivery stopped (a corrupt log); None while it works."""
+        failed = self._log.failed
+        if failed is not None:
+            return failed if isinstance(failed, LogFailed) else LogFailed(
+                f"the log failed ({failed}) and refuses writes until it is reopened")
+        return self._delivery.progress.fatal
+
     def close(self, timeout: float | None = None) -> None:
         """Stop intake, deliver what can be delivered within ``timeout``, close.
 
@@ -510,6 +541,7 @@ class DurableBatcher:
             self._committer.close()
             with self._room:
                 self._room.notify_all()
+            self._completed_at_close = _completed(self.stats())  # for the close summary
             self._delivery.stop(time.monotonic() + timeout)
         if self._delivery.in_sink():
             # Called from inside the sink: the flusher cannot wait for itself.
@@ -529,6 +561,8 @@ class DurableBatcher:
             if self._closed.is_set():
                 return
             self._closed.set()
+        end = self.stats()
+        self.observers.closed(_completed(end) - self._completed_at_close, end.pending)
         if self._aio_pool is not None:
             self._aio_pool.shutdown(wait=False)
         self._delivery.close()
@@ -555,6 +589,10 @@ class DurableBatcher:
 
     def __repr__(self) -> str:
         return f"DurableBatcher({self.directory!r}, {self._sink!r})"
+
+
+def _completed(s: Stats) -> int:
+    return s.delivered + s.dead_lettered
 
 
 class _AioQueue:

@@ -37,6 +37,7 @@ from .framing import decode_items
 from .intake import Intake
 from .keys import KEY_EXT, Keyed, ext_hook
 from .log import Log, RawFrame
+from .observer import Observers
 from .options import Options
 from .progress import Checkpointer, Progress
 from .record import Record
@@ -49,9 +50,11 @@ log = logging.getLogger("walbatch")
 
 class Flusher:
     def __init__(self, log_: Log, sink: Any, dlq: DeadLetterStore, opts: Options,
-                 follow: bool = False, on_space: Callable[[], None] = lambda: None) -> None:
+                 follow: bool = False, on_space: Callable[[], None] = lambda: None,
+                 observers: Observers | None = None) -> None:
         self.log = log_
         self.opts = opts
+        self.observers = observers = observers or Observers()
         log_id = str(log_.log_id)
         self.cv = threading.Condition(threading.Lock())
         self.exited = threading.Event()
@@ -60,7 +63,7 @@ class Flusher:
         self.shutdown = Shutdown()
         self.intake = Intake(log_, self.cv, opts.memory_tail_bytes, log_.checkpoint.seq + 1,
                              follow)
-        self.caller = SinkCaller(sink, opts, dlq, log_id, self.progress, self.shutdown)
+        self.caller = SinkCaller(sink, opts, dlq, log_id, self.progress, self.shutdown, observers)
         self.dispatcher = Dispatcher(opts.flush_concurrency, self.caller.deliver, self.progress,
                                      self.shutdown)
         self.checkpointer = Checkpointer(log_, self.progress, opts.checkpoint_interval, on_space)
@@ -103,7 +106,7 @@ class Flusher:
         try:
             self._loop()
         except BaseException as ex:  # a flusher that dies must say so, loudly
-            log.exception("walbatch flusher stopped")
+            self.observers.delivery_stopped(ex)  # the state log says it, once
             self.progress.fail(ex)
         finally:
             try:
@@ -297,6 +300,7 @@ class Flusher:
         if self.shutdown.abandoned:
             return  # shutting down: the rest stays in the log
         self.progress.count_batch(closed.reason)
+        self.observers.batch_closed(closed.reason, len(closed.items))
         # A backlog is fed many batches per loop turn: save progress as it is made
         # (rate-limited), so repeated crashes during a long replay still move forward.
         self.checkpointer.write(stopping=self.shutdown.requested)

@@ -7,10 +7,18 @@ have at most ``max_pending`` requests (and ``max_pending_bytes``) unanswered;
 past that the daemon stops reading from it, so a client that never reads its
 answers only stalls itself.
 
+Optionally the daemon also listens on HTTP (walbatch.httpd: metrics, health,
+ingest into the same batcher). A monitor task runs once a second (twice per
+systemd watchdog period if shorter): it re-reads the log's fill for the
+high/low-water marks, tells systemd ``STATUS=`` (backlog, log fill, sink) and
+pings its watchdog, except once the log has failed (a failed fsync): then a
+restart, which reopens the log, is the way out and the watchdog brings it.
+
 Lifecycle (huey's shape): ``serve()`` = initialize, loop until the stop event,
 shutdown. Signal handlers only call ``request_stop``. Shutdown stops accepting,
 answers what is in flight, then closes the batcher with ``shutdown_timeout``
-(deliver what it can, leave the rest in the log).
+(deliver what it can, leave the rest in the log); meanwhile HTTP submits get
+503 and ``/metrics`` keeps answering.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from typing import Any
 from . import __version__, protocol
 from .durable import DurableBatcher
 from .errors import Closed, CorruptLog, DeadLettered, LogFailed, LogFull, LogWriteError
+from .health import Backpressure
+from .httpd import HttpOptions
 from .protocol import ProtocolError
 
 log = logging.getLogger("walbatch.server")
@@ -55,6 +65,14 @@ class ServerOptions:
     shutdown_timeout: float = 30.0
     flush_timeout: float = 30.0
     """Default wait of a ``flush`` request that names no timeout."""
+    http: HttpOptions | None = None
+    """Listen on HTTP too (metrics, health, ingest); None: the Unix socket only."""
+    sink_label: str = ""
+    """How the start line names the sink (its URL without credentials)."""
+    status_interval: float = 1.0
+    """Seconds between the monitor's turns (systemd status, watchdog, water marks)."""
+    otel: bool = False
+    """Trace deliveries with OpenTelemetry (walbatch.tracing), with the global tracer provider."""
 
 
 class Server:
@@ -69,6 +87,10 @@ class Server:
         self.address: str | None = None
         self._max_conns = 1 << 30
         self._busy_logged = 0.0
+        water = opts.http or HttpOptions("")
+        self.backpressure = Backpressure(batcher, water.high_water, water.low_water)
+        self.http: Any = None
+        self.metrics: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -83,14 +105,29 @@ class Server:
         self._stop = asyncio.Event()
         sock = self._listening_socket()
         self._server = await asyncio.start_unix_server(self._accept, sock=sock)
+        try:
+            if self.opts.otel:
+                from . import tracing
+
+                tracing.trace(self.batcher, sink=self.opts.sink_label or None)
+            if self.opts.http is not None:
+                await self._start_http(self.opts.http)
+        except BaseException:
+            self._server.close()
+            self._remove_socket()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
-        log.info("walbatch serving %s on %s", self.batcher.directory, self.address)
-        sd_notify("READY=1")
+        self._log_start()
+        sd_notify(f"READY=1\nSTATUS={self.status()}")
+        monitor = asyncio.ensure_future(self._monitor())
         try:
             await self._stop.wait()
         finally:
+            monitor.cancel()
+            log.info("walbatch: stopping: no new requests; delivering for up to %gs",
+                     self.opts.shutdown_timeout, extra={"event": "stopping"})
             sd_notify("STOPPING=1")
             await self._shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,8 +138,69 @@ class Server:
         if self._stop is not None:
             self._stop.set()
 
+    async def _start_http(self, opts: HttpOptions) -> None:
+        from . import httpd, metrics
+
+        httpd.require()
+        pc = metrics.require()
+        registry = pc.CollectorRegistry()
+        pc.ProcessCollector(registry=registry)
+        pc.PlatformCollector(registry=registry)
+        self.metrics = metrics.register(self.batcher, registry)
+        self.http = httpd.HttpListener(self.batcher, opts, registry, self.backpressure)
+        await self.http.start()
+
+    def _log_start(self) -> None:
+        b = self.batcher
+        http = f" and http://{self.http.address}" if self.http is not None else ""
+        log.info("walbatch: serving %s on %s%s (log %s, sink %s, %d item(s) waiting from before, "
+                 "version %s)", b.directory, self.address, http, b.log_id,
+                 self.opts.sink_label or "?", b.backlog_at_open, __version__,
+                 extra={"event": "started", "data_dir": b.directory, "socket": self.address,
+                        "http": self.http.address if self.http is not None else None,
+                        "log_id": b.log_id, "sink": self.opts.sink_label,
+                        "backlog": b.backlog_at_open, "version": __version__})
+
+    def status(self, s: Any = None) -> str:
+        """One line for systemd's STATUS=: backlog, log fill, the sink (``s``: a stats snapshot)."""
+        b = self.batcher
+        s = s or b.stats()
+        cap = b.options.max_log_bytes
+        parts = [f"{s.pending} pending", f"log {100.0 * s.log_bytes / cap:.0f}% full"]
+        broken = b.broken
+        failing = b.state_log.sink_failing_for()
+        if broken is not None:
+            parts.append(f"{type(broken).__name__}: {str(broken)[:200]}")
+        elif failing:
+            parts.append(f"sink failing for {failing:.0f}s")
+        else:
+            parts.append("sink ok")
+        if self.backpressure.engaged:
+            parts.append("HTTP submits refused (429) until the log drains")
+        return ", ".join(parts)
+
+    async def _monitor(self) -> None:
+        """Once a second: water marks, systemd status, watchdog (see the module's top)."""
+        watchdog = watchdog_interval()
+        interval = self.opts.status_interval
+        if watchdog is not None:
+            interval = min(interval, watchdog / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                s = self.batcher.stats()
+                self.backpressure.update(s.log_bytes)
+                notes = [f"STATUS={self.status(s)}"]
+                if watchdog is not None and not isinstance(self.batcher.broken, LogFailed):
+                    notes.append("WATCHDOG=1")
+                sd_notify("\n".join(notes))
+            except Exception:  # the monitor must outlive anything it reads
+                log.exception("walbatch: the status monitor failed; retrying")
+
     async def _shutdown(self) -> None:
         self._stopping = True
+        if self.http is not None:
+            self.http.stopping = True  # submits get 503 from now on; /metrics still answers
         if self._server is not None:
             self._server.close()
         # Answer what is in flight, then let the batcher deliver what it can.
@@ -116,6 +214,11 @@ class Server:
             c.abort()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.batcher.close, self.opts.shutdown_timeout)
+        if self.http is not None:
+            await self.http.stop()
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
         if self._created_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._created_socket)
@@ -131,6 +234,11 @@ class Server:
         if not path:
             raise ValueError("no socket path given and no socket passed by systemd")
         path = os.path.abspath(path)
+        if len(os.fsencode(path)) > _MAX_SUN_PATH:
+            raise ValueError(f"the socket path {path} is {len(os.fsencode(path))} bytes long, but a "
+                             f"Unix socket path may have at most {_MAX_SUN_PATH} (AF_UNIX): give "
+                             "--socket a shorter path (e.g. /run/walbatch/walbatch.sock) or use a "
+                             "shorter --data-dir")
         parent = os.path.dirname(path)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         if os.path.lexists(path):
@@ -457,6 +565,7 @@ def _done(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
 
 
 _FD_RESERVE = 64
+_MAX_SUN_PATH = 107  # sockaddr_un.sun_path is 108 bytes on Linux, one for the NUL
 
 
 def _raise_fd_limit() -> int:
@@ -505,6 +614,19 @@ def sd_notify(state: str) -> None:
             s.sendall(state.encode())
     except OSError as ex:
         log.warning("walbatch: sd_notify(%s) failed: %s", state, ex)
+
+
+def watchdog_interval() -> float | None:
+    """systemd's watchdog period in seconds (WATCHDOG_USEC), if it is watching this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        seconds = int(usec) / 1e6
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
 
 
 def systemd_socket() -> socket.socket | None:

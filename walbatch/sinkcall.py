@@ -24,6 +24,7 @@ from .batcher import AdaptiveLimit, ClosedBatch
 from .breaker import CircuitBreaker
 from .dlq import DeadLetterStore
 from .errors import SinkError
+from .observer import Observers
 from .options import Options
 from .progress import Progress, runs_of
 from .record import Batch, Record
@@ -65,8 +66,9 @@ class _Abandoned(Exception):
 
 class SinkCaller:
     def __init__(self, sink: Any, opts: Options, dlq: DeadLetterStore, log_id: str,
-                 progress: Progress, shutdown: Shutdown) -> None:
+                 progress: Progress, shutdown: Shutdown, observers: Observers | None = None) -> None:
         self.sink = sink
+        self.observers = observers or Observers()
         self.opts = opts
         self.dlq = dlq
         self.log_id = log_id
@@ -157,6 +159,7 @@ class SinkCaller:
                 # this thread are its failures too: letting them through ended delivery
                 # for the process and re-raised SystemExit in every flush() caller.
                 permanent = self._is_permanent(ex)
+                self.observers.sink_called(batch, time.monotonic() - t0, ex, permanent)
                 self._sink_answered(ok=permanent, latency=None, full=False)
                 if permanent or self._gave_up(attempt, started):
                     dead.update(self._dead_letter(todo, ex, attempt, key))
@@ -165,7 +168,9 @@ class SinkCaller:
                     return None  # shutdown deadline: the batch stays in the log
                 attempt += 1
                 continue
-            self._sink_answered(ok=True, latency=time.monotonic() - t0,
+            latency = time.monotonic() - t0
+            self.observers.sink_called(batch, latency, None, False)
+            self._sink_answered(ok=True, latency=latency,
                                 full=closed.reason == "size" and attempt == 1)
             retry: list[Record] = []
             for rec, ex in failed:
@@ -209,7 +214,11 @@ class SinkCaller:
         sd = self.shutdown
         while True:
             with self.cv:
+                before = self.breaker.state
                 wait = self.breaker.wait_time(time.monotonic())
+                after, failures = self.breaker.state, self.breaker.consecutive
+            if after != before:
+                self.observers.breaker_changed(after, failures)
             if wait <= 0:
                 return True
             if sd.requested and sd.gives_up_before(time.monotonic() + wait):
@@ -225,12 +234,16 @@ class SinkCaller:
             return
         with self.cv:
             if self.breaker is not None:
+                before = self.breaker.state
                 if ok:
                     self.breaker.success()
                 else:
                     self.breaker.failure(time.monotonic())
+                after, failures = self.breaker.state, self.breaker.consecutive
             if self.adaptive is not None and self.adaptive.answered(ok, latency, full):
                 self.cv.notify_all()  # the flusher applies the new limit
+        if self.breaker is not None and after != before:
+            self.observers.breaker_changed(after, failures)  # outside the lock: it may log
 
     def _is_permanent(self, ex: BaseException) -> bool:
         if isinstance(ex, SinkError):
@@ -254,7 +267,8 @@ class SinkCaller:
             # The server said when to come back (HTTP Retry-After): wait at least that
             # long, but never more than an hour on its word alone.
             delay = min(float(retry_after), 3600.0)
-        log.warning("walbatch sink failed (attempt %d), retrying in %.2fs: %s", attempt, delay, ex)
+        # Debug only: the state log says when the sink starts failing, then sums up.
+        log.debug("walbatch sink failed (attempt %d), retrying in %.2fs: %s", attempt, delay, ex)
         sd = self.shutdown
         wake_at = time.monotonic() + delay
         if not sd.requested:
