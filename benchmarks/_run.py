@@ -152,7 +152,7 @@ def now() -> str:
 
 @dataclass
 class Target:
-    """One target of issue 13: ``measured op needed``, in ``unit``; met is None if not measured.
+    """One target of ``measured op needed``, in ``unit``; met is None if not measured.
 
     ``kind`` says how to print the numbers: ``ratio`` (1.23x), ``fraction`` (95%),
     ``rate`` (items/s), ``mib`` (MiB) or ``us`` (µs).
@@ -211,7 +211,7 @@ def target_line(t: dict[str, Any]) -> str:
 
 def print_targets(targets: Iterable[Target], out: Any = None) -> None:
     out = out or sys.stdout
-    print("Targets (issue 13):", file=out)
+    print("Targets:", file=out)
     for t in targets:
         print("  " + t.line(), file=out)
 

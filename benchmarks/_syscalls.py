@@ -1,7 +1,7 @@
 """Count the file-sync system calls a benchmark process really makes, per row.
 
 The fsync counts in the benchmarks' tables come from the kernel, not from walbatch's
-own counters (issue 15): ``perf record`` samples the syscall tracepoints of this
+own counters: ``perf record`` samples the syscall tracepoints of this
 process (every thread, also threads started later) while the benchmark runs, with the
 monotonic clock, and each row's window [start, end) picks its events afterwards.
 

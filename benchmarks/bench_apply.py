@@ -20,7 +20,7 @@ backend, on the same database, one row after the other in the same run:
   request threads), bound by the log's group commit rather than the database.
 
 PostgreSQL is started by the benchmark (tests/pg_server.py, fsync on) under ``--dir``.
-Target (issue 13): ``walbatch-many`` >= 20x the per-item baseline on each backend.
+Target: ``walbatch-many`` >= 20x the per-item baseline on each backend.
 """
 
 from __future__ import annotations

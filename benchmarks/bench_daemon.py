@@ -7,7 +7,7 @@ daemon fed by 1 and by 8 client *processes*, with one item per request (pipeline
 256 requests in flight per client) and with batches of 1,000 items per request (up to 8 in
 flight). Every answer the clients count came after the daemon's fsync. The daemon's sink is
 a no-op (`benchmarks/_nullsink.py`): this measures the acknowledged-write path.
-Targets (issue 13): 8 client processes sending one item per request (each pipelining up
+Targets: 8 client processes sending one item per request (each pipelining up
 to 256 requests, on the same 2 cores as the daemon) >= 75k items/s; pipelined 1,000-item
 requests (the better of 1 and 8 clients) >= 70% of embedded submit_many.
 """

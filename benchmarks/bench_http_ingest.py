@@ -14,7 +14,7 @@ Rows, each against a fresh `walbatch serve` (no-op sink, `benchmarks/_nullsink.p
 - socket, one item per request, pipelined (up to 256 in flight per client), for scale.
 
 Every counted item was answered 200 (or `ok`) after the daemon's fsync. HTTP clients use
-aiohttp (walbatch[http]). Target (issue 12): NDJSON batches reach >= 50% of the socket's
+aiohttp (walbatch[http]). Target: NDJSON batches reach >= 50% of the socket's
 pipelined batches.
 """
 
@@ -139,7 +139,7 @@ def run_row(base: str, seconds: float, transport: str, batch: int, per_client: i
 
 
 
-BATCH_FRACTION = 0.5  # issue 12: NDJSON batches >= 50% of the socket's pipelined batches
+BATCH_FRACTION = 0.5  # NDJSON batches >= 50% of the socket's pipelined batches
 ROWS = [  # (key, transport, items per request, in flight or connections per client)
     ("socket-8c-1000", "socket", 1000, 8),
     ("http-8c-ndjson-1000", "http", 1000, 4),

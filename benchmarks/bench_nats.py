@@ -22,7 +22,7 @@ Then (``--methods-seconds``, 0 to skip) the publish methods alone, without the l
 way); nats-py's ``nc.publish`` with every reply on one inbox subscription (the lower
 level, which the sink uses); and the sink's ``write`` (that, plus encoding, routing and
 the size checks, behind its loop thread), from 1 and 2 threads.
-Target (issue 13): the best walbatch row >= 90% of the ceiling: nats-py publishing the
+Target: the best walbatch row >= 90% of the ceiling: nats-py publishing the
 same 1,000-message batches with nothing else to do (the faster of its two methods
 above), measured in the same run. ``--methods-seconds 0`` skips the ceiling, and the
 target is then not measured.

@@ -24,7 +24,7 @@ method converting the same records: a bare COPY, COPY through a staging table in
 INSERT ... ON CONFLICT DO NOTHING, unnest() and executemany; the sink on a first delivery
 (a bare COPY) and on a retry (the staging path); and the sink's pool (1 vs 4
 connections) under 4 writer threads.
-Target (issue 13): walbatch end-to-end >= 40x the per-item baseline (the best walbatch row).
+Target: walbatch end-to-end >= 40x the per-item baseline (the best walbatch row).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ through GNU time's ``%M``; no psutil):
                      replay --sink file:…``, each with its peak RSS. 100M items is a
                      few GB of log and minutes to write: pass ``--memory-backlogs 1M,100M``.
 
-Targets (issue 13): replay into sqlite: and file: >= 400k items/s; dry-run >= 3M
+Targets: replay into sqlite: and file: >= 400k items/s; dry-run >= 3M
 records/s; status and replay under 60 MiB of RSS, and flat (at most 10% more) from
 the smallest backlog to the largest.
 """

@@ -15,7 +15,7 @@ One run, one disk (``--dir``; avoid a tmpfs), one row after the other:
   submitter blocks when the sink falls behind: the sustained rate, not a burst.
 * ``walbatch-16t``: the same with ``submit()`` from 16 threads.
 
-Target (issue 13): walbatch-many >= 30x per-item.
+Target: walbatch-many >= 30x per-item.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ One process, one disk, one writer after the other, each for ``--seconds``:
 * ``walbatch-16t-half``  16 threads each held to its share of half the rate ``walbatch-16t``
                   reached in the same run: submit latency when the log is not saturated
 
-Targets are ratios to the minimal writer doing the same job in the same run (issue 13).
+Targets are ratios to the minimal writer doing the same job in the same run.
 The sync counts come from the system calls the process made (``_syscalls.py``, perf).
 
 Run: ``python benchmarks/bench_submit.py [--seconds 3] [--dir DIR] [--only KEYS] [--json FILE]``.
@@ -52,7 +52,7 @@ BATCH = 1000
 TASKS = 1000
 
 # The minimal writer doing the same job as each walbatch row, and the target: walbatch's
-# items/s as a fraction of that writer's, measured in the same run (issue 13's decision).
+# items/s as a fraction of that writer's, measured in the same run.
 CEILING_OF = {
     "walbatch-1t": "naive",
     "walbatch-16t": "ceiling-16t",

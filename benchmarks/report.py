@@ -146,7 +146,7 @@ def targets(doc: dict[str, Any] | None) -> str:
         needed = f"{t['op']} {fmt_value(t['needed'], t['kind'])}{unit}"
         mark = {True: "met", False: "**MISSED**", None: "not measured"}[t["met"]]
         rows.append([t["name"], measured, needed, mark, t.get("detail", "")])
-    return table(["target (issue 13)", "measured", "needed", "", "numbers"], rows, right=[1])
+    return table(["target", "measured", "needed", "", "numbers"], rows, right=[1])
 
 
 def section(*parts: str) -> str:
@@ -333,7 +333,7 @@ def render_targets(docs: Docs) -> str:
                          + (", busy" if doc.get("busy") else "")])
     if not rows:
         return footer(None, "all")
-    return table(["target (issue 13)", "measured", "needed", "", "run"], rows, right=[1])
+    return table(["target", "measured", "needed", "", "run"], rows, right=[1])
 
 
 SECTIONS: dict[str, Callable[[Docs], str]] = {

@@ -58,6 +58,7 @@ BENCHES = [
     Bench("nats", "bench_nats.py", ["--seconds", "10", "--methods-seconds", "3"],
           ["--seconds", "1", "--methods-seconds", "0.5"], 1.2),
     Bench("http", "bench_http.py", ["--seconds", "10"], ["--seconds", "1"], 1.3),
+    Bench("http_ingest", "bench_http_ingest.py", ["--seconds", "5"], ["--seconds", "1"], 0.8),
 ]
 
 
