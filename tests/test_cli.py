@@ -575,3 +575,13 @@ def test_help_texts_render_their_examples_verbatim():
     limit = " ".join(wb("dlq", "list", "--help").stdout.split())
     assert "--limit N" in limit and "9223372036854775807" not in limit
 
+
+@pytest.mark.parametrize("line,why", [("NaN", "NaN is not JSON"), ('{"a": 1e999}', "too large"),
+                                      ('{"a": 1, "a": 2}', "appears twice")])
+def test_submit_reads_json_strictly_and_names_the_line(tmp_path, line, why):
+    # Python's json module took these, and the item changed (or lost a value) silently.
+    data = tmp_path / "data"
+    result = wb("submit", "--direct", "--data-dir", data, input=f'{{"ok": 1}}\n{line}\n', code=1)
+    err = one_error_line(result)
+    assert "line 2" in err and why in err and "1 item(s) before it" in err
+

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import importlib
 import inspect
-import json
 import logging
 import os
 import signal
@@ -468,10 +467,10 @@ def submit(items: tuple[str, ...], data_dir: str, socket_path: str | None, direc
         for n, text in sources:
             if not text.strip():
                 continue
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError as ex:
-                error = f"{label} {n}: not valid JSON ({ex.msg} at column {ex.colno})"
+            try:  # strict: NaN, 1e999 or a repeated name would change the item, not refuse it
+                item = values.parse_json(text, f"{label} {n}")
+            except ValueError as ex:
+                error = str(ex)
                 break
             try:  # valid JSON msgpack cannot take: an int beyond 64 bits, a lone surrogate
                 msgpack.packb(item)

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import values
 from .errors import Closed, LogFailed, LogFull, LogWriteError
 from .health import Backpressure, not_ready
 
@@ -349,42 +348,5 @@ def parse_items(body: bytes, ndjson: bool) -> list[Any]:
     return items
 
 
-class _Refused(ValueError):
-    pass
-
-
-def _constant(name: str) -> Any:
-    raise _Refused(f"{name} is not JSON")
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise _Refused(f"the number {text[:40]} is too large for a float")
-    return value
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _Refused(f"the member name {k[:80]!r} appears twice in one object")
-            seen.add(k)
-    return out
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_float=_float,
-                            parse_constant=_constant)
-
-
 def _loads(text: str, where: str) -> Any:
-    try:
-        return _DECODER.decode(text)
-    except _Refused as ex:
-        raise ValueError(f"{where}: {ex}") from None
-    except json.JSONDecodeError as ex:
-        raise ValueError(f"{where}: not valid JSON ({ex.msg} at column {ex.colno})") from None
-    except RecursionError:
-        raise ValueError(f"{where}: nested too deeply to read") from None
+    return values.parse_json(text, where)

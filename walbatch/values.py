@@ -520,3 +520,54 @@ def _refuse_at(entry: Any, name: str, error: type[Exception], message: str) -> N
             steps.append(f"[{entry[3]!r}]")
         entry = entry[2]
     raise error(f"{name}{''.join(reversed(steps))}: {message}") from None
+
+
+# ------------------------------------------------------------ JSON arriving as items
+
+
+class _RefusedJSON(ValueError):
+    pass
+
+
+def _json_constant(name: str) -> Any:
+    raise _RefusedJSON(f"{name} is not JSON")
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _RefusedJSON(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _RefusedJSON(f"the member name {k[:80]!r} appears twice in one object")
+            seen.add(k)
+    return out
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_json_object, parse_float=_json_float,
+                            parse_constant=_json_constant)
+
+
+def parse_json(text: str, where: str = "the item") -> Any:
+    """One JSON value from ``text``, read strictly, or ValueError naming ``where``.
+
+    What Python's json module would accept beyond JSON is refused rather than turned
+    into something else: NaN and Infinity, a number too large for a float (it would
+    become infinity), a member name repeated in one object (one value would be lost).
+    For items arriving as JSON: HTTP ingest and ``walbatch submit``.
+    """
+    try:
+        return _STRICT_JSON.decode(text)
+    except _RefusedJSON as ex:
+        raise ValueError(f"{where}: {ex}") from None
+    except json.JSONDecodeError as ex:
+        raise ValueError(f"{where}: not valid JSON ({ex.msg} at column {ex.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to read") from None
