@@ -42,6 +42,21 @@ def test_the_fast_path_writes_exactly_what_the_general_encoder_writes(item):
 
 
 @settings(max_examples=examples(300), deadline=None)
+@given(st.lists(items(), max_size=8))
+def test_a_batch_encodes_item_for_item_as_dumps_does(batch):
+    texts = values.dumps_many(batch)
+    if texts is not None:  # None: the caller goes item by item (and meets any refusal)
+        assert texts == [dumps(x) for x in batch]
+
+
+def test_a_batch_of_plain_items_takes_the_fast_path_and_an_odd_one_does_not():
+    plain = [{"user_id": i, "action": "login", "ts": 1700000000.123} for i in range(50)]
+    assert values.dumps_many(plain) == [dumps(x) for x in plain]
+    for odd in ({"$x": 1}, {1: "a"}, float("nan"), -0.0, 1e16, b"x", "caf\udce9"):
+        assert values.dumps_many([*plain, odd]) is None
+
+
+@settings(max_examples=examples(300), deadline=None)
 @given(items(), items())
 def test_two_different_values_never_write_the_same_text(a, b):
     if not equal(a, b):

@@ -31,6 +31,9 @@ from .log import Log
 from .options import MAX_SECONDS, Options
 
 EXIT_DEAD_LETTERED = 4  # replay finished, but some items went to the dead letters
+# A backlog is there all at once: `walbatch replay` batches bigger than a live batcher
+# would (one sink transaction and fsync per batch), unless --max-items says otherwise.
+REPLAY_DEFAULTS = {"max_items": 5000}
 
 
 def protocol_default_frame() -> int:
@@ -575,8 +578,9 @@ def replay(data_dir: str, sink: str | None, dry_run: bool, timeout: float | None
     counts and checks the backlog without delivering or changing anything.
     --follow keeps delivering what a separate writer process appends.
 
-    Exits 4 when it dead-lettered items (they are in `walbatch dlq list`), 3 when
-    the log is damaged.
+    Batches hold up to 5,000 items unless --max-items is given (a backlog is there
+    all at once). Exits 4 when it dead-lettered items (they are in `walbatch dlq
+    list`), 3 when the log is damaged.
 
     \b
     Example:
@@ -623,7 +627,7 @@ def replay(data_dir: str, sink: str | None, dry_run: bool, timeout: float | None
     try:
         try:
             result = replaying.replay(data_dir, sink, timeout=timeout, progress=progress,
-                                      **_options_from(kwargs))
+                                      **{**REPLAY_DEFAULTS, **_options_from(kwargs)})
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

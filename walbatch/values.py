@@ -163,6 +163,27 @@ def dumps(value: Any, name: str = "item") -> str:
     return "".join(out)
 
 
+def dumps_many(items: list[Any]) -> list[str] | None:
+    """``[dumps(x) for x in items]``, checked once for the whole list; None if any item
+    needs the general encoder (or is refused): then call ``dumps`` per item.
+
+    For sinks writing a batch: the fast path's exactness checks (no suspect float
+    text, plain str keys, encodable text, bounded depth) run over the batch at once.
+    """
+    if _c_encode is None:
+        return None
+    try:
+        texts = ["".join(_c_encode(v, 0)) for v in items]
+    except (_NotPlain, ValueError, TypeError, RecursionError):
+        return None
+    joined = "\n".join(texts)
+    if (("e+" in joined or "-0.0" in joined) and _SUSPECT.search(joined)) \
+            or not _plain_keys(items, len(joined) > 2 * MAX_DEPTH) \
+            or not (joined.isascii() or _encodable(joined)):
+        return None
+    return texts
+
+
 def encode(value: Any, name: str = "item") -> bytes:
     """``dumps(value)`` as UTF-8 bytes."""
     return dumps(value, name).encode("utf-8")
