@@ -369,24 +369,40 @@ class DurableBatcher:
         committed together by a helper thread. If the awaiting task is
         cancelled the item may still have been acknowledged.
         """
-        data = _encode(item) if key is None else _encode_keyed(item, key)
-        _check_frame_size(len(data))
-        receipt: Receipt = await self._aio_enqueue(data, 1, False)
+        receipt: Receipt = await self._asubmit_future(item, key)
         self.observers.submitted(receipt.seq, 1)  # in the caller's task: its trace context
         return receipt
 
     async def asubmit_many(self, items: Iterable[Any],
                            key: str | int | bytes | None = None) -> Receipts:
         """``submit_many`` for asyncio: all or nothing, one frame with its group."""
+        receipts: Receipts = await self._asubmit_many_future(items, key)
+        self.observers.submitted(receipts.first_seq, receipts.count)
+        return receipts
+
+    def _asubmit_future(self, item: Any, key: str | int | bytes | None = None
+                        ) -> asyncio.Future[Receipt]:
+        """The synchronous half of ``asubmit``: encode and queue; the future gets the receipt.
+
+        For callers that serve many submits on one loop (the daemon) and cannot afford
+        a task per item; they call ``observers.submitted`` themselves.
+        """
+        data = _encode(item) if key is None else _encode_keyed(item, key)
+        _check_frame_size(len(data))
+        return self._aio_enqueue(data, 1, False)
+
+    def _asubmit_many_future(self, items: Iterable[Any], key: str | int | bytes | None = None
+                             ) -> asyncio.Future[Receipts]:
+        """The synchronous half of ``asubmit_many`` (see ``_asubmit_future``)."""
         payload, count = _encode_many(items, key)
         if count == 0:
             if self._closing:
                 raise Closed("the batcher is closed")
-            return Receipts(self._log.synced_seq + 1, 0, self._delivery)
+            fut: asyncio.Future[Receipts] = asyncio.get_running_loop().create_future()
+            fut.set_result(Receipts(self._log.synced_seq + 1, 0, self._delivery))
+            return fut
         _check_frame_size(len(payload))
-        receipts: Receipts = await self._aio_enqueue(payload, count, True)
-        self.observers.submitted(receipts.first_seq, count)
-        return receipts
+        return self._aio_enqueue(payload, count, True)
 
     def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> asyncio.Future[Any]:
         """Queue a payload for this loop's next group commit; the future gets its receipt(s).

@@ -34,7 +34,6 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 from . import __version__, protocol
@@ -312,59 +311,81 @@ class Server:
         finally:
             self._conns.discard(conn)
 
-    def start_request(self, msg: Any, prior: Awaitable[dict[str, Any]] | None = None
-                      ) -> Awaitable[dict[str, Any]]:
-        """Begin serving one decoded frame; the awaitable yields its response.
+    def start_request(self, msg: Any, prior: asyncio.Future[Any] | None = None) -> Answer:
+        """Begin serving one decoded frame; ``answer(fut)`` of what it returns is the response.
 
         ``prior`` is the connection's previous request: ``stats`` and ``flush`` wait
         for it, so a flush pipelined behind submits covers them, as a client expects.
+        A submit that does not wait for delivery gets no task of its own: its future
+        is the batcher's, and the response is built from the receipt when it is sent
+        (a task per one-item request was the daemon's largest cost).
         """
         try:
             req = protocol.parse_request(msg)
         except ProtocolError as ex:
-            return _done(protocol.error(ex.request_id, ex.code, ex.message))
+            return _answered(protocol.error(ex.request_id, ex.code, ex.message))
         if self._stopping:
-            return _done(protocol.error(req.id, protocol.SHUTTING_DOWN,
-                                        "the daemon is shutting down; nothing was written"))
+            return _answered(protocol.error(req.id, protocol.SHUTTING_DOWN,
+                                            "the daemon is shutting down; nothing was written"))
         if req.op == "ping":
-            return _done(protocol.ok(req.id, pong=True, version=__version__))
+            return _answered(protocol.ok(req.id, pong=True, version=__version__))
         if req.op == "submit":
-            return asyncio.ensure_future(self._submit(req))
-        return asyncio.ensure_future(self._after(prior, req))
+            if req.wait:
+                return asyncio.ensure_future(self._submit(req)), _result
+            assert req.items is not None
+            try:
+                if req.single:
+                    return self.batcher._asubmit_future(req.items[0], key=req.key), req
+                return self.batcher._asubmit_many_future(req.items, key=req.key), req
+            except Exception as ex:
+                return _answered(self._submit_error(req, ex))
+        return asyncio.ensure_future(self._after(prior, req)), _result
 
-    async def _after(self, prior: Awaitable[dict[str, Any]] | None,
+    def submit_answer(self, req: protocol.Request, fut: asyncio.Future[Any]) -> dict[str, Any]:
+        """The response to a submit that did not wait, from its batcher future (done)."""
+        ex = fut.exception()
+        if ex is not None:
+            return self._submit_error(req, ex)
+        r = fut.result()
+        if req.single:
+            self.batcher.observers.submitted(r.seq, 1)
+            return {"id": req.id, "ok": True, "first_seq": r.seq, "count": 1}
+        self.batcher.observers.submitted(r.first_seq, r.count)
+        return {"id": req.id, "ok": True, "first_seq": r.first_seq, "count": r.count}
+
+    def _submit_error(self, req: protocol.Request, ex: BaseException) -> dict[str, Any]:
+        if isinstance(ex, (TypeError, ValueError)):
+            return protocol.error(req.id, protocol.BAD_REQUEST, f"{ex}")
+        if isinstance(ex, LogFull):
+            return protocol.error(req.id, protocol.LOG_FULL, str(ex))
+        if isinstance(ex, Closed):
+            return protocol.error(req.id, protocol.SHUTTING_DOWN, str(ex))
+        if isinstance(ex, (LogWriteError, LogFailed)):
+            return protocol.error(req.id, protocol.WRITE_FAILED, str(ex))
+        log.error("walbatch: submit failed", exc_info=ex)
+        return protocol.error(req.id, protocol.INTERNAL, f"{type(ex).__name__}: {ex}")
+
+    async def _after(self, prior: asyncio.Future[Any] | None,
                      req: protocol.Request) -> dict[str, Any]:
-        if prior is not None:
-            await asyncio.shield(asyncio.ensure_future(prior))  # its answer is sent by _send
+        if prior is not None and not prior.done():
+            await asyncio.wait((prior,))  # its answer is sent by _send; cancelling us spares it
         if req.op == "stats":
             return protocol.ok(req.id, stats=dataclasses.asdict(self.batcher.stats()))
         return await self._flush(req)
 
     async def _submit(self, req: protocol.Request) -> dict[str, Any]:
+        """A waiting submit: acknowledged, then answered once every item is delivered."""
         assert req.items is not None
         try:
             if req.single:
                 r = await self.batcher.asubmit(req.items[0], key=req.key)
-                if req.wait:
-                    return protocol.ok(req.id, first_seq=r.seq, count=1,
-                                       results=await self._results([r], req.timeout))
-                return protocol.ok(req.id, first_seq=r.seq, count=1)
+                return protocol.ok(req.id, first_seq=r.seq, count=1,
+                                   results=await self._results([r], req.timeout))
             rs = await self.batcher.asubmit_many(req.items, key=req.key)
-            if req.wait:
-                return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count,
-                                   results=await self._results(list(rs), req.timeout))
-            return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count)
-        except (TypeError, ValueError) as ex:
-            return protocol.error(req.id, protocol.BAD_REQUEST, f"{ex}")
-        except LogFull as ex:
-            return protocol.error(req.id, protocol.LOG_FULL, str(ex))
-        except Closed as ex:
-            return protocol.error(req.id, protocol.SHUTTING_DOWN, str(ex))
-        except (LogWriteError, LogFailed) as ex:
-            return protocol.error(req.id, protocol.WRITE_FAILED, str(ex))
+            return protocol.ok(req.id, first_seq=rs.first_seq, count=rs.count,
+                               results=await self._results(list(rs), req.timeout))
         except Exception as ex:
-            log.exception("walbatch: submit failed")
-            return protocol.error(req.id, protocol.INTERNAL, f"{type(ex).__name__}: {ex}")
+            return self._submit_error(req, ex)
 
     async def _results(self, receipts: list[Any], timeout: float | None) -> list[dict[str, Any]]:
         """Each item's outcome once delivered (the items are already acknowledged).
@@ -440,17 +461,18 @@ class _Connection:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.queue: asyncio.Queue[tuple[Awaitable[dict[str, Any]], int] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[asyncio.Future[Any], int, Any] | None] = asyncio.Queue()
         self.pending = 0
         self.pending_bytes = 0
-        self.room = asyncio.Condition()
+        self._room: asyncio.Future[None] | None = None  # set while the reader waits for room
         self.done = asyncio.Event()
         self._read_task: asyncio.Task[None] | None = None
-        self._last: Awaitable[dict[str, Any]] | None = None  # the latest request's answer
+        self._last: asyncio.Future[Any] | None = None  # the latest request's future
         self._decoder = protocol.FrameDecoder(server.opts.max_frame_bytes)
         self._fatal = False  # the stream broke (a bad length): nothing after it is a request
         self._stopped = False
         self._in_read = False
+        self._broken = False
 
     async def run(self) -> None:
         sender = asyncio.ensure_future(self._send())
@@ -514,54 +536,99 @@ class _Connection:
             frames = self._decoder.feed(data)
         except ProtocolError as ex:  # the stream cannot be trusted any more
             frames, fatal = ex.frames, ex  # but the requests before the bad length are served
+        server = self.server
+        max_pending, max_bytes = opts.max_pending, opts.max_pending_bytes
         for msg, size in frames:
-            def has_room(size: int = size) -> bool:
-                return self.pending < opts.max_pending and (
-                    self.pending == 0 or self.pending_bytes + size <= opts.max_pending_bytes)
-
-            async with self.room:
-                await self.room.wait_for(has_room)
-                self.pending += 1
-                self.pending_bytes += size
-            self._last = self.server.start_request(msg, self._last)
-            self.queue.put_nowait((self._last, size))
+            # Room for one more unanswered request (a lone one may be of any size).
+            while self.pending >= max_pending or (
+                    self.pending and self.pending_bytes + size > max_bytes):
+                if self._broken:
+                    return False  # the sender is gone: this request could never be answered
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
+            self.pending += 1
+            self.pending_bytes += size
+            fut, how = server.start_request(msg, self._last)
+            self._last = fut
+            self.queue.put_nowait((fut, size, how))
         if fatal is not None:
             self._fatal = True
-            self.queue.put_nowait((_done(protocol.error(None, fatal.code, fatal.message)), 0))
+            fut, how = _answered(protocol.error(None, fatal.code, fatal.message))
+            self.queue.put_nowait((fut, 0, how))
             return False
         return True
 
     async def _send(self) -> None:
-        writer = self.writer
+        """Answer in request order; answers ready together go out in one write."""
+        queue = self.queue
+        server = self.server
+        out: list[bytes] = []
+        freed = freed_bytes = 0
         while True:
-            entry = await self.queue.get()
+            entry = queue.get_nowait() if not queue.empty() else await queue.get()
+            if entry is not None and not entry[0].done() and out:
+                # Send what is ready before waiting for the next answer.
+                if not await self._write(out, freed, freed_bytes):
+                    return
+                out, freed, freed_bytes = [], 0, 0
             if entry is None:
+                if out:
+                    await self._write(out, freed, freed_bytes)
                 return
-            fut, size = entry
-            response = await fut
-            try:
-                if writer.transport.is_closing():
-                    # The client is gone: its requests still run (a submit is durable
-                    # all the same), but their answers have nowhere to go.
-                    self.stop_reading()
-                    continue
-                writer.write(protocol.encode(response))
-                if self.queue.empty() or writer.transport.get_write_buffer_size() > (1 << 20):
-                    await writer.drain()
-            except (ConnectionError, RuntimeError):
+            fut, size, how = entry
+            if not fut.done():
+                await asyncio.wait((fut,))
+            if how is not _result:
+                response = server.submit_answer(how, fut)
+            elif fut.cancelled():
+                response = protocol.error(None, protocol.INTERNAL, "the request was cancelled")
+            else:
+                response = fut.result()
+            out.append(protocol.encode(response))
+            freed += 1
+            freed_bytes += size
+            if queue.empty() or freed_bytes > (1 << 20) or len(out) >= 1024:
+                if not await self._write(out, freed, freed_bytes):
+                    return
+                out, freed, freed_bytes = [], 0, 0
+
+    async def _write(self, out: list[bytes], freed: int, freed_bytes: int) -> bool:
+        """Write these answers; False once the connection is broken."""
+        writer = self.writer
+        try:
+            if writer.transport.is_closing():
+                # The client is gone: its requests still run (a submit is durable
+                # all the same), but their answers have nowhere to go.
                 self.stop_reading()
-                return
-            finally:
-                async with self.room:
-                    self.pending -= 1
-                    self.pending_bytes -= size
-                    self.room.notify_all()
+                return True
+            writer.write(out[0] if len(out) == 1 else b"".join(out))
+            if self.queue.empty() or writer.transport.get_write_buffer_size() > (1 << 20):
+                await writer.drain()
+            return True
+        except (ConnectionError, RuntimeError):
+            self._broken = True  # nothing more can be answered: the reader stops too
+            self.stop_reading()
+            return False
+        finally:
+            self.pending -= freed
+            self.pending_bytes -= freed_bytes
+            room = self._room
+            if room is not None and not room.done():
+                room.set_result(None)
 
 
-def _done(value: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+Answer = tuple["asyncio.Future[Any]", Any]
+"""What ``start_request`` returns: a future, and how its result becomes the response:
+``_result`` (it is the response), a ``Request`` (a submit's receipt, see
+``Server.submit_answer``)."""
+
+_result = object()
+
+
+def _answered(value: dict[str, Any]) -> Answer:
     fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     fut.set_result(value)
-    return fut
+    return fut, _result
 
 
 _FD_RESERVE = 64
