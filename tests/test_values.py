@@ -52,8 +52,28 @@ def test_a_batch_encodes_item_for_item_as_dumps_does(batch):
 def test_a_batch_of_plain_items_takes_the_fast_path_and_an_odd_one_does_not():
     plain = [{"user_id": i, "action": "login", "ts": 1700000000.123} for i in range(50)]
     assert values.dumps_many(plain) == [dumps(x) for x in plain]
-    for odd in ({"$x": 1}, {1: "a"}, float("nan"), -0.0, 1e16, b"x", "caf\udce9"):
-        assert values.dumps_many([*plain, odd]) is None
+    for odd in ({"$x": 1}, {1: "a"}, float("nan"), -0.0, 1e16, b"x", "caf\udce9",
+                {"a": 1, None: 2}, {"a": 1, 1.5: 2}, {"a": 1, True: 2}, {"a": {1: 2}},
+                {"a": "{", "b": [{2: 1}]}, {"a": "x", "b$": 1}):
+        assert values.dumps_many([*plain, odd]) is None, odd
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4))
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.lists(st.dictionaries(st.one_of(st.text(max_size=3), st.integers(), st.booleans(),
+                                          st.none(), st.floats()),
+                                _scalar | st.lists(_scalar, max_size=2)
+                                | st.dictionaries(st.integers() | st.text(max_size=2), _scalar,
+                                                  max_size=2), max_size=4), max_size=6))
+def test_a_batch_of_flat_dicts_with_any_keys_encodes_as_dumps_does(batch):
+    # The shape the batch check reads off the JSON text (dicts of scalars) and its edges.
+    texts = values.dumps_many(batch)
+    if texts is not None:
+        assert texts == [dumps(x) for x in batch]
+    if any(not isinstance(k, str) for d in batch for k in d):
+        assert texts is None
 
 
 @settings(max_examples=examples(300), deadline=None)
