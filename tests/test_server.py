@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import walbatch
-from walbatch import protocol
+from walbatch import codec, protocol, values
 from walbatch.client import Client, DaemonUnavailable, Forbidden
 
 WALBATCH = [sys.executable, "-m", "walbatch"]
@@ -897,3 +897,31 @@ def test_socket_activation_with_listen_fds(daemons, sockdir):
     finally:
         listener.close()
     assert db_rows(d.db, "_seq, via") == [(1, "systemd")]
+
+
+def test_a_batch_is_stored_as_sent_and_delivered_exactly_as_the_daemon_read_it(daemons):
+    # A submit of many items is logged from the frame's own bytes, not decoded and
+    # encoded again: whatever encoding a client chose (float32, str8 for short
+    # strings, a repeated 'items' key) the sink gets what the frame decoded to.
+    d = daemons()
+    items = [{"n": i, "f": 0.5 + i, "s": "x" * (i % 3), "b": bytes([i]), "l": [i, None]}
+             for i in range(40)]
+    odd = msgpack.Packer(use_bin_type=True, use_single_float=True)
+    decoy = msgpack.packb([{"decoy": True}] * 20, use_bin_type=True)
+    body = (b"\x84" + msgpack.packb("id") + msgpack.packb(1) + msgpack.packb("op")
+            + msgpack.packb("submit") + msgpack.packb("items") + decoy
+            + msgpack.packb("items") + b"\xdc" + struct.pack(">H", len(items))
+            + b"".join(odd.pack(x) for x in items))
+    sent = codec.unpack_one(body)["items"]
+    assert len(sent) == 40 and values.equal(sent, items)  # the last 'items' counts, as decoded
+    poisoned = ([{"n": i} for i in range(20)] + [{"n": msgpack.ExtType(87, b"\x01")}])
+    with raw_connect(d.socket_path) as s:
+        s.sendall(frame(body) + _packed({"id": 2, "op": "submit", "items": poisoned}))
+        first, second = read_frame(s), read_frame(s)
+    assert first == {"id": 1, "ok": True, "first_seq": 1, "count": 40}, first
+    assert second["ok"] is False and second["code"] == protocol.BAD_REQUEST, second
+    assert "items[20]" in second["message"], second  # refused whole, naming the item
+    with Client(d.socket_path, timeout=WAIT) as c:
+        c.flush(timeout=WAIT)
+    stored = [values.loads(text) for (text,) in db_rows(d.db, "item")]
+    assert values.equal(stored, sent), stored[:2]

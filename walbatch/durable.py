@@ -391,6 +391,15 @@ class DurableBatcher:
         _check_frame_size(len(data))
         return self._aio_enqueue(data, 1, False)
 
+    def _asubmit_payload_future(self, payload: bytes, items: list[Any]) -> asyncio.Future[Receipts]:
+        """``_asubmit_many_future(items)`` for items that arrived encoded: ``payload`` is
+        their msgpack encodings back to back, exactly what the log holds (the daemon
+        reads them off a frame), so they are not encoded again."""
+        if not items or values.has_ext_87(payload):  # the slow way refuses, naming the item
+            return self._asubmit_many_future(items)
+        _check_frame_size(len(payload))
+        return self._aio_enqueue(payload, len(items), True)
+
     def _asubmit_many_future(self, items: Iterable[Any], key: str | int | bytes | None = None
                              ) -> asyncio.Future[Receipts]:
         """The synchronous half of ``asubmit_many`` (see ``_asubmit_future``)."""

@@ -85,12 +85,15 @@ class FrameDecoder:
     """
 
     max_frame: int = DEFAULT_MAX_FRAME
+    with_body: bool = False
+    """Return ``(value, frame_size, body)``: the daemon stores a submit's items as sent."""
     _buf: bytearray = field(default_factory=bytearray)
 
-    def feed(self, data: bytes) -> list[tuple[Any, int]]:
+    def feed(self, data: bytes) -> list[Any]:
         """Add ``data``; return ``(value, frame_size)`` for each frame now complete."""
         self._buf += data
-        out: list[tuple[Any, int]] = []
+        out: list[Any] = []
+        with_body = self.with_body
         buf = self._buf
         pos = 0
         while len(buf) - pos >= 4:
@@ -109,10 +112,11 @@ class FrameDecoder:
             body = bytes(buf[pos + 4 : pos + 4 + n])
             pos += 4 + n
             try:
-                out.append((unpack_one(body), n))
+                value = unpack_one(body)
             except Exception as ex:  # msgpack raises several unrelated types
                 why = f"{type(ex).__name__}: {ex}" if str(ex) else type(ex).__name__
-                out.append((ProtocolError(BAD_FRAME, f"frame body is not valid msgpack ({why})"), n))
+                value = ProtocolError(BAD_FRAME, f"frame body is not valid msgpack ({why})")
+            out.append((value, n, body) if with_body else (value, n))
         del buf[:pos]
         return out
 
@@ -184,6 +188,36 @@ def parse_request(msg: Any) -> Request:
     if op == "flush":
         return Request(rid, op, timeout=_timeout(msg, rid))
     return Request(rid, op)
+
+
+def items_payload(body: bytes) -> bytes | None:
+    """A submit frame's ``items``, encoded as sent: the array's bytes without its header.
+
+    The log holds a batch as its items' encodings one after another; when a frame
+    already carries them so, the daemon stores these bytes rather than decoding and
+    encoding every item again. They were decoded with the frame (so they are whole,
+    valid msgpack), and the log's reader decodes them with the same options, so what
+    is delivered is exactly the items the daemon read. None when not found (the
+    caller then encodes the decoded items).
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=len(body))
+    unpacker.feed(body)
+    found = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            start = unpacker.tell()
+            unpacker.skip()
+            if key == "items":  # a repeated key: the decoded map kept the last one, so do we
+                found = (start, unpacker.tell())
+    except Exception:  # not a map of simple keys: the slow way
+        return None
+    if found is None:
+        return None
+    start, end = found
+    head = body[start]
+    skip = 1 if 0x90 <= head <= 0x9F else 3 if head == 0xDC else 5 if head == 0xDD else 0
+    return body[start + skip:end] if skip else None
 
 
 def _timeout(msg: dict[str, Any], rid: Any) -> float | None:

@@ -311,7 +311,8 @@ class Server:
         finally:
             self._conns.discard(conn)
 
-    def start_request(self, msg: Any, prior: asyncio.Future[Any] | None = None) -> Answer:
+    def start_request(self, msg: Any, prior: asyncio.Future[Any] | None = None,
+                      body: bytes | None = None) -> Answer:
         """Begin serving one decoded frame; ``answer(fut)`` of what it returns is the response.
 
         ``prior`` is the connection's previous request: ``stats`` and ``flush`` wait
@@ -336,6 +337,10 @@ class Server:
             try:
                 if req.single:
                     return self.batcher._asubmit_future(req.items[0], key=req.key), req
+                if req.key is None and len(req.items) >= 16 and body is not None:
+                    payload = protocol.items_payload(body)  # stored as sent, not re-encoded
+                    if payload is not None:
+                        return self.batcher._asubmit_payload_future(payload, req.items), req
                 return self.batcher._asubmit_many_future(req.items, key=req.key), req
             except Exception as ex:
                 return _answered(self._submit_error(req, ex))
@@ -468,7 +473,7 @@ class _Connection:
         self.done = asyncio.Event()
         self._read_task: asyncio.Task[None] | None = None
         self._last: asyncio.Future[Any] | None = None  # the latest request's future
-        self._decoder = protocol.FrameDecoder(server.opts.max_frame_bytes)
+        self._decoder = protocol.FrameDecoder(server.opts.max_frame_bytes, with_body=True)
         self._fatal = False  # the stream broke (a bad length): nothing after it is a request
         self._stopped = False
         self._in_read = False
@@ -538,7 +543,7 @@ class _Connection:
             frames, fatal = ex.frames, ex  # but the requests before the bad length are served
         server = self.server
         max_pending, max_bytes = opts.max_pending, opts.max_pending_bytes
-        for msg, size in frames:
+        for msg, size, body in frames:
             # Room for one more unanswered request (a lone one may be of any size).
             while self.pending >= max_pending or (
                     self.pending and self.pending_bytes + size > max_bytes):
@@ -548,7 +553,7 @@ class _Connection:
                 await self._room
             self.pending += 1
             self.pending_bytes += size
-            fut, how = server.start_request(msg, self._last)
+            fut, how = server.start_request(msg, self._last, body)
             self._last = fut
             self.queue.put_nowait((fut, size, how))
         if fatal is not None:
