@@ -30,7 +30,7 @@ class Recorder:
         self.calls: list[tuple[int, int, bytes]] = []
         self.threads: list[threading.Thread] = []
 
-    def __call__(self, first: int, count: int, payload: bytes) -> None:
+    def __call__(self, first: int, count: int, payload: bytes, decoded: object = None) -> None:
         self.calls.append((first, count, bytes(payload)))
         self.threads.append(threading.current_thread())
 
@@ -114,7 +114,7 @@ def test_concurrent_commits_share_fsyncs(log: Log, tmp_path) -> None:
     # A commit takes a while (on a disk, mostly the fdatasync; here also the
     # callback, so the test holds on a tmpfs too). Whoever arrives meanwhile
     # must ride along in the next group rather than pay for a sync of its own.
-    gc = GroupCommitter(log, lambda first, count, payload: time.sleep(0.0005))
+    gc = GroupCommitter(log, lambda first, count, payload, decoded: time.sleep(0.0005))
     per_thread = 100
     barrier = threading.Barrier(THREADS)
 
@@ -140,7 +140,7 @@ def test_a_group_is_one_frame_with_everyones_items(tmp_path) -> None:
     queued = threading.Event()
     rec = Recorder()
 
-    def on_durable(first: int, count: int, payload: bytes) -> None:
+    def on_durable(first: int, count: int, payload: bytes, decoded: object = None) -> None:
         rec(first, count, payload)
         if first == 1:
             entered.set()
@@ -199,7 +199,7 @@ def test_an_error_in_the_groups_write_reaches_every_waiter_of_that_group(op: str
     queued = threading.Event()
     rec = Recorder()
 
-    def on_durable(first: int, count: int, payload: bytes) -> None:
+    def on_durable(first: int, count: int, payload: bytes, decoded: object = None) -> None:
         rec(first, count, payload)
         if first == 1:
             entered.set()
@@ -258,7 +258,7 @@ def test_close_waits_for_the_running_group(log: Log) -> None:
     entered = threading.Event()
     proceed = threading.Event()
 
-    def on_durable(first: int, count: int, payload: bytes) -> None:
+    def on_durable(first: int, count: int, payload: bytes, decoded: object = None) -> None:
         entered.set()
         proceed.wait(30)
 
@@ -286,7 +286,7 @@ def test_max_group_bytes_caps_a_group(tmp_path) -> None:
     queued = threading.Event()
     rec = Recorder()
 
-    def on_durable(first: int, count: int, payload: bytes) -> None:
+    def on_durable(first: int, count: int, payload: bytes, decoded: object = None) -> None:
         rec(first, count, payload)
         if first == 1:
             entered.set()

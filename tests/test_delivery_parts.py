@@ -6,13 +6,16 @@ together; these pin each part's own contract without a flusher thread.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 
+import msgpack
 import pytest
 from helpers import WAIT
 
+from walbatch import DurableBatcher
 from walbatch.batcher import AdaptiveLimit, ClosedBatch
 from walbatch.checkpoint import Checkpoint
 from walbatch.dispatch import Dispatcher
@@ -319,3 +322,58 @@ def test_intake_wakes_a_sleeping_flusher_once_enough_items_wait(tmp_path):
         intake.close()
     finally:
         log.close()
+
+
+def test_intake_keeps_handed_over_items_only_while_its_tail_is_small(tmp_path):
+    # Decoded items take about ten times their bytes: a flusher that falls behind
+    # must hold bytes, not objects (the tail may grow to memory_tail_bytes).
+    log = Log.open(str(tmp_path), role="owner")
+    try:
+        intake = Intake(log, threading.Condition(threading.Lock()), memory_tail_bytes=64 << 20,
+                        read_from=1)
+        big = msgpack.packb("x" * (1 << 20))
+        first = 1
+        for _ in range(6):
+            first = log.append(big, 1)
+            log.sync()
+            intake.on_durable(first, 1, big, ["x" * (1 << 20)])
+        frames = intake.take(1)
+        assert [f.decoded is not None for f in frames] == [True] * 3 + [False] * 3  # 4 MiB
+        assert all(msgpack.unpackb(f.payload) == "x" * (1 << 20) for f in frames)
+        intake.close()
+    finally:
+        log.close()
+
+
+def test_items_handed_over_decoded_reach_the_sink_in_seq_order_among_others(tmp_path):
+    # The daemon's batches come with their items decoded; a commit group joins them with
+    # submits that do not: every seq must still get its own item, whichever way it came.
+    got: dict[int, object] = {}
+    handed: list[object] = []
+
+    def sink(batch):
+        for r in batch:
+            got[r.seq] = r.item
+
+    async def main(b):
+        async def decoded(i):
+            items = [{"d": i, "k": k} for k in range(20)]
+            handed.extend(items)
+            payload = b"".join(msgpack.packb(x) for x in items)
+            return await b._asubmit_payload_future(payload, items)
+
+        async def plain(i):
+            return await b.asubmit_many([{"p": i, "k": k} for k in range(7)])
+
+        mixed = await asyncio.gather(*(plain(i) if i % 2 else decoded(i) for i in range(60)))
+        return [*mixed, await decoded(62)]  # alone in its group: handed over whole
+
+    with DurableBatcher(str(tmp_path), sink, max_delay=0.01) as b:
+        receipts = asyncio.run(main(b))
+        b.flush(WAIT)
+    expect = {}
+    for i, rs in [*enumerate(receipts[:-1]), (62, receipts[-1])]:
+        for k, seq in enumerate(rs.seqs):
+            expect[seq] = {"p": i, "k": k} if i % 2 else {"d": i, "k": k}
+    assert got == expect
+    assert any(any(x is h for h in handed) for x in got.values())  # the hand-off happened

@@ -12,11 +12,13 @@ handed to ``on_durable`` in seq order.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from .errors import Closed
 from .log import Log
@@ -28,11 +30,13 @@ _allocate = threading.Lock
 
 
 class _Waiter:
-    __slots__ = ("payload", "count", "first_seq", "error", "done", "wake", "alone")
+    __slots__ = ("payload", "count", "decoded", "first_seq", "error", "done", "wake", "alone")
 
-    def __init__(self, payload: bytes, count: int, alone: bool = False) -> None:
+    def __init__(self, payload: bytes, count: int, alone: bool = False,
+                 decoded: list[Any] | None = None) -> None:
         self.payload = payload
         self.count = count
+        self.decoded = decoded
         self.first_seq = 0
         self.error: BaseException | None = None
         self.done = False
@@ -44,7 +48,7 @@ class GroupCommitter:
     def __init__(
         self,
         log: Log,
-        on_durable: Callable[[int, int, bytes], None],
+        on_durable: Callable[[int, int, bytes, list[Any] | None], None],
         max_group_bytes: int = 4 << 20,
         observers: Observers | None = None,
     ) -> None:
@@ -59,9 +63,13 @@ class GroupCommitter:
         self._leading = False
         self._closed = False
 
-    def commit(self, payload: bytes, count: int) -> int:
-        """Durably append ``count`` items encoded in ``payload``; return the first seq."""
-        w = _Waiter(payload, count)
+    def commit(self, payload: bytes, count: int, decoded: list[Any] | None = None) -> int:
+        """Durably append ``count`` items encoded in ``payload``; return the first seq.
+
+        ``decoded``: the same items as the log's reader would decode them, owned by
+        nobody else; passed on to ``on_durable`` so delivery need not decode them.
+        """
+        w = _Waiter(payload, count, decoded=decoded)
         self._join(w)
         if not w.done:
             self._lead()
@@ -116,6 +124,10 @@ class GroupCommitter:
                 size += len(w.payload)
         count = sum(w.count for w in group) if len(group) > 1 else group[0].count
         payload = group[0].payload if len(group) == 1 else b"".join(w.payload for w in group)
+        decoded = group[0].decoded
+        if len(group) > 1 and decoded is not None:
+            decoded = (list(itertools.chain.from_iterable(w.decoded for w in group))  # type: ignore[arg-type]
+                       if all(w.decoded is not None for w in group) else None)
         t0 = time.perf_counter()
         took = -1.0
         try:
@@ -132,7 +144,7 @@ class GroupCommitter:
                 seq += w.count
             self.groups += 1
             try:
-                self.on_durable(first, count, payload)
+                self.on_durable(first, count, payload, decoded)
             except Exception:
                 # The items are durable, so the waiters succeed; the flusher notices
                 # the missing frame (its tail is no longer contiguous) and reads the

@@ -358,9 +358,9 @@ class DurableBatcher:
         self.observers.submitted(first, count)
         return Receipts(first, count, self._delivery)
 
-    def _commit_payload(self, payload: bytes, count: int) -> int:
+    def _commit_payload(self, payload: bytes, count: int, decoded: list[Any] | None = None) -> int:
         self._wait_for_room(len(payload))
-        return self._committer.commit(payload, count)
+        return self._committer.commit(payload, count, decoded)
 
     async def asubmit(self, item: Any, key: str | int | bytes | None = None) -> Receipt:
         """``submit`` for asyncio: same promise, without blocking the event loop.
@@ -398,10 +398,23 @@ class DurableBatcher:
         if not items or values.has_ext_87(payload):  # the slow way refuses, naming the item
             return self._asubmit_many_future(items)
         _check_frame_size(len(payload))
-        return self._aio_enqueue(payload, len(items), True)
+        # The items were decoded from those bytes by the log's own decoder and belong
+        # to nobody else: delivery takes them as they are instead of decoding again.
+        return self._aio_enqueue(payload, len(items), True, items)
 
-    def _asubmit_many_future(self, items: Iterable[Any], key: str | int | bytes | None = None
-                             ) -> asyncio.Future[Receipts]:
+    async def _asubmit_many_owned(self, items: list[Any]) -> Receipts:
+        """``asubmit_many`` of items nobody else holds, as the log will read them back.
+
+        For items just parsed from a request (HTTP's JSON: dicts with str keys, lists,
+        str, int, float, bool, None, all of which msgpack gives back as they are):
+        delivery takes these objects instead of decoding the log's bytes again.
+        """
+        receipts: Receipts = await self._asubmit_many_future(items, owned=True)
+        self.observers.submitted(receipts.first_seq, receipts.count)
+        return receipts
+
+    def _asubmit_many_future(self, items: Iterable[Any], key: str | int | bytes | None = None,
+                             owned: bool = False) -> asyncio.Future[Receipts]:
         """The synchronous half of ``asubmit_many`` (see ``_asubmit_future``)."""
         payload, count = _encode_many(items, key)
         if count == 0:
@@ -411,9 +424,11 @@ class DurableBatcher:
             fut.set_result(Receipts(self._log.synced_seq + 1, 0, self._delivery))
             return fut
         _check_frame_size(len(payload))
-        return self._aio_enqueue(payload, count, True)
+        handed = items if owned and key is None and type(items) is list else None
+        return self._aio_enqueue(payload, count, True, handed)
 
-    def _aio_enqueue(self, payload: bytes, count: int, many: bool) -> asyncio.Future[Any]:
+    def _aio_enqueue(self, payload: bytes, count: int, many: bool,
+                     decoded: list[Any] | None = None) -> asyncio.Future[Any]:
         """Queue a payload for this loop's next group commit; the future gets its receipt(s).
 
         A plain function returning the future, not a coroutine: one coroutine per
@@ -424,7 +439,7 @@ class DurableBatcher:
         loop = asyncio.get_running_loop()
         q = self._aio_state.get(loop) or self._aio_queue(loop)
         fut = loop.create_future()
-        q.entries.append((payload, count, fut, many))
+        q.entries.append((payload, count, fut, many, decoded))
         if not q.running:
             q.running = True
             loop.create_task(self._aio_drain(loop, q))
@@ -462,15 +477,20 @@ class DurableBatcher:
                 entries, q.entries = q.entries[:k], q.entries[k:]
                 payload = entries[0][0] if len(entries) == 1 else b"".join(e[0] for e in entries)
                 total = sum(e[1] for e in entries)
+                decoded = entries[0][4]
+                if len(entries) > 1 and decoded is not None:
+                    decoded = ([x for e in entries for x in e[4]]
+                               if all(e[4] is not None for e in entries) else None)
                 try:
-                    first = await loop.run_in_executor(pool, self._commit_payload, payload, total)
+                    first = await loop.run_in_executor(pool, self._commit_payload, payload, total,
+                                                       decoded)
                 except BaseException as ex:
                     for e in entries:
                         if not e[2].done():
                             e[2].set_exception(ex)
                     continue
                 seq = first
-                for _payload, count, fut, many in entries:
+                for _payload, count, fut, many, _decoded in entries:
                     if not fut.done():
                         fut.set_result(Receipts(seq, count, delivery) if many else Receipt(seq, delivery))
                     seq += count
@@ -624,5 +644,5 @@ class _AioQueue:
     __slots__ = ("entries", "running")
 
     def __init__(self) -> None:
-        self.entries: list[tuple[bytes, int, asyncio.Future[Any], bool]] = []
+        self.entries: list[tuple[bytes, int, asyncio.Future[Any], bool, list[Any] | None]] = []
         self.running = False

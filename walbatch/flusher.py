@@ -78,9 +78,10 @@ class Flusher:
 
     # ------------------------------------------------------------ control
 
-    def on_durable(self, first_seq: int, count: int, payload: bytes) -> None:
+    def on_durable(self, first_seq: int, count: int, payload: bytes,
+                   decoded: list[Any] | None = None) -> None:
         """Called by the group committer, in seq order, after each fsync."""
-        self.intake.on_durable(first_seq, count, payload)
+        self.intake.on_durable(first_seq, count, payload, decoded)
 
     def start(self) -> None:
         self.thread.start()
@@ -271,6 +272,9 @@ class Flusher:
 
     def _decode(self, frame: RawFrame) -> list[Any]:
         assert frame.payload is not None
+        decoded = frame.decoded  # never keyed: keyed items are not handed over
+        if decoded is not None and len(decoded) == frame.count:  # else the bytes decide
+            return decoded[frame.skip:] if frame.skip else decoded
         try:
             items = unpack_values(frame.payload, self._ext_hook)
         except Exception as ex:  # msgpack raises several unrelated types

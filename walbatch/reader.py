@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import CorruptLog
 from .fileio import FileHandle, FileSystem
@@ -34,6 +34,9 @@ class RawFrame:
     payload: bytes | None
     skip: int = 0
     """How many leading items were already delivered (checkpoint inside a frame)."""
+    decoded: list[Any] | None = None
+    """The payload's items already decoded, when its submitter had them and nobody
+    else holds them (the daemon's, read off a frame with the log's own decoder)."""
 
 
 class SeqRange(Protocol):
