@@ -200,12 +200,14 @@ def render_daemon(docs: Docs) -> str:
 
 def _sink_row(name: str, doc: dict[str, Any] | None, key: str | None, base_key: str,
               pick_best: bool = False) -> list[str] | None:
+    """``key``'s row against ``base_key``'s; ``pick_best``: the fastest row whose key
+    starts with ``key`` (default "walbatch")."""
     if doc is None:
         return None
     rows = rows_by_key(doc)
     base = rows.get(base_key)
     if pick_best:
-        cands = [r for r in doc["rows"] if r["key"].startswith("walbatch")]
+        cands = [r for r in doc["rows"] if r["key"].startswith(key or "walbatch")]
         r = max(cands, key=lambda r: r["items_per_s"]) if cands else None
     else:
         r = rows.get(key or "")
@@ -240,9 +242,10 @@ def render_sinks(docs: Docs) -> str:
         _sink_row("PostgreSQL", docs.get("postgresql"), None, "per-item", pick_best=True),
         _sink_row("NATS JetStream", docs.get("nats"), None, "per-item", pick_best=True),
         _sink_row("HTTP bulk API, local", docs.get("http"), "walbatch-many", "per-item-1t"),
-        _sink_row("ApplySink, SQLite", docs.get("apply"), "sqlite-walbatch-many", "sqlite-per-item"),
+        _sink_row("ApplySink, SQLite", docs.get("apply"), "sqlite-walbatch-many", "sqlite-per-item",
+                  pick_best=True),
         _sink_row("ApplySink, PostgreSQL", docs.get("apply"), "postgresql-walbatch-many",
-                  "postgresql-per-item"),
+                  "postgresql-per-item", pick_best=True),
     ]
     t = table(["sink", "one write per item, items/s", "walbatch, items/s", "ratio", "walbatch row"],
               [r for r in rows if r], right=[1, 2, 3])

@@ -52,7 +52,7 @@ BENCHES = [
     Bench("sqlite", "bench_sqlite.py", ["--seconds", "10"], ["--seconds", "1"], 0.6),
     Bench("replay", "bench_replay.py", ["--items", "5M", "--memory-backlogs", "1M,10M"],
           ["--items", "200k", "--memory-backlogs", "100k,400k"], 4.0),
-    Bench("apply", "bench_apply.py", ["--seconds", "10"], ["--seconds", "1", "--users", "20000"], 1.2),
+    Bench("apply", "bench_apply.py", ["--seconds", "10"], ["--seconds", "1", "--users", "20000"], 1.6),
     Bench("postgresql", "bench_postgresql.py", ["--seconds", "10", "--methods-seconds", "3"],
           ["--seconds", "1", "--methods-seconds", "0.5"], 1.8),
     Bench("nats", "bench_nats.py", ["--seconds", "10", "--methods-seconds", "3"],
