@@ -44,7 +44,7 @@ import msgpack
 
 from ..errors import PermanentSinkError, SinkError
 from ..record import Batch
-from ..values import encode
+from ..values import dumps_many, encode
 from .base import Outcomes, require
 from .urls import URLOptions, redacted
 from .urls import parse_duration as parse_duration  # re-exported: part of this module's API
@@ -415,9 +415,10 @@ class NATSSink:
         literal_bound = literal is None or is_bound(literal)
         # What nats-py adds around the payload: "NATS/1.0\r\nNats-Msg-Id: <id>\r\n\r\n".
         overhead = 10 + len(MSG_ID) + 2 + 2 + 2 + len(prefix)
+        texts = dumps_many([r.item for r in batch]) if encode is encode_json else None
         for i, rec in enumerate(batch):
             try:
-                payload = encode(rec.item)
+                payload = texts[i].encode() if texts is not None else encode(rec.item)
             except (TypeError, ValueError, OverflowError, RecursionError) as ex:
                 outcomes[i] = PermanentSinkError(
                     f"seq {rec.seq}: cannot encode as {self.options.encoding}: {ex}")
