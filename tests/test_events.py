@@ -17,7 +17,7 @@ import pytest
 from helpers import FAST, WAIT
 
 from walbatch import DurableBatcher
-from walbatch.errors import LogFull, SinkError
+from walbatch.errors import LogFull, PermanentSinkError, SinkError
 from walbatch.logfmt import JsonFormatter
 from walbatch.observer import Observer, Observers, _noop
 
@@ -149,6 +149,20 @@ def test_sink_failing_then_recovered_one_line_each_with_counts(make, caplog):
     # No line per retry at INFO or above.
     assert not [r for r in caplog.records if "retrying in" in r.getMessage()
                 and r.levelno >= logging.INFO]
+
+
+def test_a_dead_lettered_batch_is_one_error_line_with_its_seqs(make, caplog):
+    def refuse(batch):
+        raise PermanentSinkError("no such table")
+
+    b = make(refuse)
+    with caplog.at_level(logging.INFO, "walbatch"):
+        b.submit_many(["a", "b", "c"])
+        b.flush(timeout=WAIT)
+    (line,) = events(caplog, "dead_lettered")
+    assert line.levelno == logging.ERROR
+    assert (line.items, line.first_seq, line.last_seq) == (3, 1, 3)
+    assert "no such table" in line.error
 
 
 def test_breaker_opened_and_closed(make, caplog):

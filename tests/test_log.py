@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import uuid
@@ -151,6 +152,23 @@ def test_open_rejects_an_unknown_corruption_policy(tmp_path) -> None:
 
 
 # ----------------------------------------------------------- torn tails
+
+
+def test_recovery_lines_carry_an_event_and_the_finding_as_fields(tmp_path, caplog) -> None:
+    # Operators filter structured logs by event (docs/operations.md), not by message text.
+    make_log(tmp_path, [["a"], ["b", "c"]])
+    path = seg_paths(tmp_path)[0]
+    size = os.path.getsize(path)
+    payload = pack(["lost1"])
+    with open(path, "ab") as f:
+        f.write((encode_frame_header(4, 1, payload) + payload)[:-1])
+    caplog.set_level(logging.INFO, logger="walbatch")
+    Log.open(str(tmp_path)).close()
+    found = [r for r in caplog.records if getattr(r, "event", None) == "recovery"]
+    assert len(found) == 1, caplog.text
+    r = found[0]
+    assert (r.action, r.path, r.offset) == ("trimmed", path, size)
+    assert r.length == len(encode_frame_header(4, 1, payload) + payload) - 1 and r.reason
 
 
 @pytest.mark.parametrize("keep", [1, 3, 4, 10, FRAME_HEADER_SIZE, FRAME_HEADER_SIZE + 2, -1])

@@ -95,6 +95,14 @@ class Finding:
     def is_corruption(self) -> bool:
         return self.action in ("quarantined", "corrupt")
 
+    def report(self, level: int) -> None:
+        """One log line (``event`` ``recovery``, with the finding as fields)."""
+        fields = {"event": "recovery", "action": self.action, "path": self.path,
+                  "offset": self.offset, "length": self.length, "reason": self.reason}
+        if self.seqs:
+            fields.update(first_seq=self.seqs[0], last_seq=self.seqs[1])
+        log.log(level, "walbatch recovery: %s", self.describe(), extra=fields)
+
     def describe(self) -> str:
         seqs = f"; seqs {self.seqs[0]}..{self.seqs[1]}" if self.seqs else ""
         what = _ACTIONS.get(self.action, self.action)
@@ -206,7 +214,7 @@ def recover(fs: FileSystem, directory: str, mode: str, readonly: bool) -> Recove
             fs.fsync_dir(os.path.dirname(src))
             moves.append(Finding(c.path, 0, 0, f"holds seqs {c.lo}..{c.hi}, which the log lacked; "
                                  f"moved to {dest}", None, "restored"))
-            log.error("walbatch recovery: %s", moves[-1].describe())
+            moves[-1].report(logging.ERROR)
         if last:
             break
     return p.finish(quarantine, moves)
@@ -274,7 +282,7 @@ def _rebuild_checkpoint(fs: FileSystem, directory: str, segdir: str,
         fs.write_file(os.path.join(qdir, f"checkpoint@{int(time.time())}.bad"), fs.read_file(path))
     write_checkpoint(fs, path, cp)
     finding = Finding(path, cause.offset, 0, f"rebuilt: {what}", None, "quarantined")
-    log.error("walbatch recovery: %s", finding.describe())
+    finding.report(logging.ERROR)
     return cp, [finding]
 
 
@@ -566,7 +574,7 @@ class _Pass:
         finding = Finding(path, offset, length, reason, delivered, action)
         self.findings.append(finding)
         if not self.readonly:
-            log.warning("walbatch recovery: %s", finding.describe())
+            finding.report(logging.WARNING)
 
     def _hole(self, path: str, offset: int, seqs: tuple[int, int], reason: str) -> None:
         self.holes.append(LostRange(seqs[0], seqs[1], path, offset, reason))
@@ -665,7 +673,7 @@ class _Pass:
                     f"{m.name_seq}; the log's own records win)")
         if moved_to:
             finding = Finding(m.path, 0, 0, f"{what}; moved to {moved_to}", None, "moved")
-            log.error("walbatch recovery: %s", finding.describe())
+            finding.report(logging.ERROR)
             return finding
         return Finding(m.path, 0, 0, what + "; walbatch verify --repair moves it out of the log",
                        None, "corrupt")
@@ -700,7 +708,7 @@ class _Pass:
                     f"the checkpoint said seq {self.cp.seq}, but the log's record of delivery "
                     f"says {self.floor}; seqs {self.cp.seq + 1}..{to} are no longer in the log",
                     (self.cp.seq + 1, to), "checkpoint"))
-                log.warning("walbatch recovery: %s", self.findings[-1].describe())
+                self.findings[-1].report(logging.WARNING)
         next_seq = max(self.expected, cp.seq + 1, *(s.last_seq + 1 for s in segments))
         findings = moves + self.findings
         if self.mode == "quarantine" and not self.readonly:
@@ -721,7 +729,7 @@ class _Pass:
                                  "moved": f.action}, None))
             if quarantine.add(entries):
                 for f in damaged:
-                    log.error("walbatch recovery: %s", f.describe())
+                    f.report(logging.ERROR)
         return Recovered(cp, segments, next_seq, self.lost, self.holes, findings, self.marker)
 
 

@@ -293,7 +293,9 @@ class SinkCaller:
                     raise _Abandoned() from store_error
                 attempt += 1
         log.error("walbatch dead-lettered %d item(s) (seq %d..%d): %s",
-                  len(records), records[0].seq, records[-1].seq, text)
+                  len(records), records[0].seq, records[-1].seq, text,
+                  extra={"event": "dead_lettered", "items": len(records),
+                         "first_seq": records[0].seq, "last_seq": records[-1].seq, "error": text})
         return {r.seq: text for r in records}
 
 
