@@ -44,10 +44,10 @@ class HttpDaemon:
     """One `walbatch serve` with an HTTP listener on a free loopback port."""
 
     def __init__(self, data_dir: Path, args: list[str] = (), env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, prefix: list[str] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.socket_path = str(self.data_dir / "walbatch.sock")
-        self.cmd = [sys.executable, "-m", "walbatch", "serve", "--data-dir", str(data_dir),
+        self.cmd = [*prefix, sys.executable, "-m", "walbatch", "serve", "--data-dir", str(data_dir),
                     "--http", "127.0.0.1:0", "--log-format", "json", "--max-delay", "0.01",
                     "--shutdown-timeout", "10", *args]
         self.env = {**BASE_ENV, **(env or {})}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import select
 import socket
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from http_daemon import WAIT, HttpDaemon, write_gate_sink
 
-from walbatch.client import Client
+from walbatch.client import Busy, Client
 from walbatch.sinks.file import read as read_file_sink
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -40,8 +41,8 @@ def daemons(tmp_path):
     made: list[HttpDaemon] = []
 
     def make(name: str = "data", *args: str, env: dict[str, str] | None = None,
-             start: bool = True) -> HttpDaemon:
-        d = HttpDaemon(tmp_path / name, list(args), env)
+             start: bool = True, prefix: list[str] = ()) -> HttpDaemon:
+        d = HttpDaemon(tmp_path / name, list(args), env, prefix=prefix)
         made.append(d)
         return d.start() if start else d
 
@@ -536,3 +537,41 @@ def test_sqlite_default_sink_over_http(tmp_path, daemons):
         assert list(conn.execute("SELECT user FROM items ORDER BY _seq")) == [(1,), (2,)]
     finally:
         conn.close()
+
+
+def test_http_connections_past_the_descriptor_limit_get_503_and_the_log_keeps_working(daemons):
+    # An HTTP flood must not take the descriptors the log (new segments) and the sink
+    # need: HTTP and the socket share the daemon's budget, as the socket alone did.
+    d = daemons("fds", "--segment-bytes", "4096", "--max-log-bytes", "1MiB",
+                prefix=["prlimit", "--nofile=128:128", "--"])
+    with Client(d.socket_path, timeout=WAIT) as c:
+        assert c.ping()["pong"] is True  # connected before the flood
+        idle = [socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) for _ in range(100)]
+        try:
+            deadline = time.monotonic() + WAIT
+            answered: list[socket.socket] = []
+            while len(answered) < 100 - 64 and time.monotonic() < deadline:
+                answered, _, _ = select.select(idle, [], [], 0.2)
+            refused = [s.recv(4096) for s in answered]
+            assert len(refused) >= 100 - (128 - 64), len(refused)
+            assert all(r.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in r for r in refused), {r[:60] for r in refused}
+            with pytest.raises(Busy):  # the socket shares the budget
+                Client(d.socket_path, timeout=WAIT).ping()
+            # The client that was there first goes on, across several new segments.
+            seqs = [c.submit({"n": n, "pad": "x" * 500}) for n in range(40)]
+            c.flush(timeout=WAIT)
+        finally:
+            for s in idle:
+                s.close()
+    assert seqs == list(range(1, 41))
+    deadline = time.monotonic() + WAIT
+    while True:  # room again once the daemon saw them go
+        try:
+            if d.post([{"after": 1}])[0] == 200:
+                break
+        except OSError:  # a refused connection may be reset rather than answered
+            pass
+        assert time.monotonic() < deadline, "still refusing after every idle connection left"
+        time.sleep(0.05)
+    assert [e for e in d.events() if e.get("event") == "connections_full"]
+    assert "Traceback" not in d.log_text(), d.log_text()[-2000:]

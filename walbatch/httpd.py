@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,21 @@ class HttpOptions:
     spans link to (walbatch.tracing; needs walbatch[otel])."""
 
 
+class _Busy(asyncio.Protocol):
+    """A connection past the limit: one 503 (with ``Retry-After``), then closed, unread."""
+
+    def __init__(self, retry_after: int) -> None:
+        body = b'{"error": "the daemon has no room for another connection; retry later"}'
+        self.answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                       b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                       % (retry_after, len(body), body))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(self.answer)
+        transport.close()
+
+
 def require() -> Any:
     """The aiohttp.web module, or ImportError naming the extra to install."""
     try:
@@ -96,8 +113,14 @@ class HttpListener:
     """The aiohttp application of one daemon. ``start()``, then ``stop()``."""
 
     def __init__(self, batcher: DurableBatcher, opts: HttpOptions, registry: Any,
-                 backpressure: Backpressure) -> None:
+                 backpressure: Backpressure, room: Callable[[int], bool] | None = None) -> None:
         self.batcher = batcher
+        self.room = room
+        """``room(http_connections)``: may one more connection be served? The daemon's
+        file descriptors are shared with its socket, log and sink (None: no limit)."""
+        self._listener: asyncio.base_events.Server | None = None
+        self._busy_logged = 0.0
+        self._open = 0  # connections handed to aiohttp and not yet lost
         self.opts = opts
         self.registry = registry
         self.backpressure = backpressure
@@ -127,19 +150,51 @@ class HttpListener:
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.opts.idle_timeout,
                                      shutdown_timeout=5.0, logger=_server_log())
         await self._runner.setup()
+        server = self._runner.server
+        lost = server.connection_lost
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            self._open -= 1
+            lost(handler, exc)
+
+        # Counted here, not with server.connections: asyncio creates a burst of accepted
+        # connections' protocols before any of them is registered there.
+        server.connection_lost = connection_lost
         host, port = parse_address(self.opts.address)
-        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        # aiohttp's low-level server is the protocol factory (as its docs show with
+        # loop.create_server); ours asks for room first, so that a flood of HTTP
+        # connections cannot take the descriptors the log and the sink need.
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._protocol, host, port, backlog=1024)
         except OSError as ex:
             await self._runner.cleanup()
             raise OSError(ex.errno, f"cannot listen for HTTP on {self.opts.address}: "
                           f"{ex.strerror or ex}") from None
-        bound = self._runner.addresses[0]
+        bound = self._listener.sockets[0].getsockname()
         self.address = (f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}")
         return self.address
 
+    def connections(self) -> int:
+        """HTTP connections open now (and accepted ones about to be)."""
+        return self._open
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        if self.room is None or self.room(self._open):
+            self._open += 1
+            return self._runner.server()
+        now = time.monotonic()
+        if now - self._busy_logged > 10:
+            self._busy_logged = now
+            log.warning("walbatch: refusing HTTP connections: the daemon holds as many "
+                        "connections as its file descriptor limit allows (raise it with "
+                        "ulimit -n / LimitNOFILE)", extra={"event": "connections_full"})
+        return _Busy(self.opts.retry_after)
+
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the open ones are shut down below
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

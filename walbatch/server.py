@@ -146,7 +146,8 @@ class Server:
         pc.ProcessCollector(registry=registry)
         pc.PlatformCollector(registry=registry)
         self.metrics = metrics.register(self.batcher, registry)
-        self.http = httpd.HttpListener(self.batcher, opts, registry, self.backpressure)
+        self.http = httpd.HttpListener(self.batcher, opts, registry, self.backpressure,
+                                       room=lambda http: len(self._conns) + http < self._max_conns)
         await self.http.start()
 
     def _log_start(self) -> None:
@@ -290,7 +291,8 @@ class Server:
                 await writer.drain()
             writer.close()
             return
-        if len(self._conns) >= self._max_conns:
+        if len(self._conns) + (self.http.connections() if self.http is not None else 0
+                               ) >= self._max_conns:
             now = time.monotonic()
             if now - self._busy_logged > 10:
                 self._busy_logged = now
