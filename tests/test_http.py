@@ -554,7 +554,8 @@ def test_http_connections_past_the_descriptor_limit_get_503_and_the_log_keeps_wo
                 answered, _, _ = select.select(idle, [], [], 0.2)
             refused = [s.recv(4096) for s in answered]
             assert len(refused) >= 100 - (128 - 64), len(refused)
-            assert all(r.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in r for r in refused), {r[:60] for r in refused}
+            assert all(r.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in r
+                       for r in refused), {r[:60] for r in refused}
             with pytest.raises(Busy):  # the socket shares the budget
                 Client(d.socket_path, timeout=WAIT).ping()
             # The client that was there first goes on, across several new segments.
