@@ -155,6 +155,7 @@ class Target:
     """One target of ``measured op needed``, in ``unit``; met is None if not measured.
 
     ``kind`` says how to print the numbers: ``ratio`` (1.23x), ``fraction`` (95%),
+    ``percent`` (0.41%),
     ``rate`` (items/s), ``mib`` (MiB) or ``us`` (µs).
     """
 
@@ -188,6 +189,8 @@ def fmt_value(value: float | None, kind: str) -> str:
         return f"{value:,.2f}x" if value < 10 else f"{value:,.1f}x"
     if kind == "fraction":
         return f"{value:.0%}"
+    if kind == "percent":  # a small fraction, shown to two decimals
+        return f"{value:.2%}"
     if kind == "rate":
         return f"{value:,.0f}"
     if kind == "mib":

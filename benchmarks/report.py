@@ -321,10 +321,27 @@ def render_generic(name: str) -> Callable[[Docs], str]:
     return render
 
 
+def render_metrics(docs: Docs) -> str:
+    doc = docs.get("metrics")
+    if doc is None:
+        return footer(None, "metrics")
+    rows = [[r["writer"], num(r["items_per_s"]), ", ".join(num(x) for x in r.get("rates", [])),
+             num(r.get("commit_groups_per_s")),
+             "—" if r.get("hot_path_share") is None else f"{r['hot_path_share']:.2%}"]
+            for r in doc["rows"]]
+    cost = (doc.get("settings") or {}).get("hook_cost_s") or {}
+    costs = ", ".join(f"`{k}` {v * 1e6:.2f} µs" for k, v in cost.items())
+    note = f"Each hook the metrics add, per call: {costs}." if costs else ""
+    return section(table(["writer", "items/s (median)", "each run", "group commits/s",
+                          "metrics' share of a core"], rows, right=[1, 3, 4]),
+                   note, targets(doc), footer(doc))
+
+
 def render_targets(docs: Docs) -> str:
     """Every target of every benchmark, with the run it comes from."""
     rows = []
-    order = ["submit", "daemon", "sqlite", "replay", "apply", "postgresql", "nats", "http"]
+    order = ["submit", "daemon", "sqlite", "replay", "apply", "postgresql", "nats", "http",
+             "http_ingest", "metrics"]
     for name in sorted(docs, key=lambda n: (order.index(n) if n in order else len(order), n)):
         doc = docs[name]
         for t in doc.get("targets", []):
@@ -355,6 +372,7 @@ SECTIONS: dict[str, Callable[[Docs], str]] = {
                                 ("wire bytes/item", "wire_bytes_per_item", ",.1f"),
                                 ("server CPU", "server_cpu", ".2f"), ("drain s", "drain", ",.2f")]),
     "apply": render_apply,
+    "metrics": render_metrics,
 }
 
 

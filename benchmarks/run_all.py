@@ -59,6 +59,8 @@ BENCHES = [
           ["--seconds", "1", "--methods-seconds", "0.5"], 1.2),
     Bench("http", "bench_http.py", ["--seconds", "10"], ["--seconds", "1"], 1.3),
     Bench("http_ingest", "bench_http_ingest.py", ["--seconds", "5"], ["--seconds", "1"], 0.8),
+    Bench("metrics", "bench_metrics.py", ["--seconds", "3", "--rounds", "3"],
+          ["--seconds", "0.5", "--rounds", "1"], 0.7),
 ]
 
 

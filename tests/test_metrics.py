@@ -155,3 +155,27 @@ def test_without_prometheus_client_the_message_names_the_extra(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=WAIT, env={**os.environ, "PYTHONPATH": str(blocker)})
     assert "pip install 'walbatch[metrics]'" in proc.stdout, proc.stderr
+
+
+def test_histogram_values_wait_for_the_scrape_and_none_is_lost_across_threads(monkeypatch):
+    # The data path only appends; a scrape (or FOLD_AT waiting values) folds them into
+    # prometheus-client's histogram, from whichever thread, each value exactly once.
+    from prometheus_client import Histogram
+
+    monkeypatch.setattr(metrics, "FOLD_AT", 100)
+    reg = CollectorRegistry()
+    h = Histogram("t_seconds", "test", buckets=(1.0, 2.0), registry=None)
+    d = metrics._Deferred(h)
+    reg.register(metrics._Fold([d]))
+    reg.register(h)
+    d.add(0.5)
+    assert scrape(reg)["t_seconds_count"] == 1  # the scrape folded it first
+    threads = [threading.Thread(target=lambda: [d.add(1.5) for _ in range(5000)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(d.values) <= 100 + 8  # folded along the way, by the threads themselves
+    m = scrape(reg)
+    assert m["t_seconds_count"] == 40001 and m["t_seconds_sum"] == 0.5 + 1.5 * 40000
+    assert m['t_seconds_bucket{le="1.0"}'] == 1
