@@ -326,8 +326,10 @@ def test_the_daemon_refuses_a_data_or_socket_directory_others_can_write(tmp_path
     result = serve(data, sockdir / "s.sock")
     assert result is not None and result.returncode == 1
     assert "socket directory" in result.stderr and f"chmod go-w {sockdir}" in result.stderr
-    sockdir.chmod(0o1777)  # sticky, as /tmp: others can neither remove nor replace the socket
-    assert serve(data, sockdir / "s.sock") is None
+    sockdir.chmod(0o1777)  # sticky, as /tmp: others could still take the socket's name first
+    result = serve(data, sockdir / "s.sock")
+    assert result is not None and result.returncode == 1
+    assert f"mkdir -m 700 {sockdir / 'walbatch'}" in result.stderr and "chmod" not in result.stderr
     sockdir.chmod(0o700)
     assert serve(data, sockdir / "s.sock") is None
     data.chmod(0o1777)  # a data directory must not be shared, sticky or not

@@ -334,8 +334,7 @@ def serve(data_dir: str, socket_path: str | None, sink: str | None, socket_mode:
         from .datadir import check_private
 
         try:
-            check_private(os.path.dirname(os.path.abspath(socket_path)), "socket directory",
-                          sticky_ok=True)
+            check_private(os.path.dirname(os.path.abspath(socket_path)), "socket directory")
         except WalbatchError as ex:
             raise _fail(ex) from None
     default_db = os.path.abspath(os.path.join(data_dir, "walbatch.db"))

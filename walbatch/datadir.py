@@ -36,7 +36,7 @@ def is_log_dir(directory: str) -> bool:
     return any(os.path.lexists(os.path.join(directory, n)) for n in (CHECKPOINT_FILE, SEGMENTS_DIR))
 
 
-def check_private(directory: str, what: str = "data directory", sticky_ok: bool = False) -> None:
+def check_private(directory: str, what: str = "data directory") -> None:
     """Refuse ``directory`` if a user other than this process's (or root) can write to it.
 
     Checks the directory itself, every directory above it and the directories
@@ -45,10 +45,10 @@ def check_private(directory: str, what: str = "data directory", sticky_ok: bool 
     above it that others can write to is allowed only with the sticky bit set
     (``/tmp``): others can then not rename or delete what is in it. The
     directory itself must not be writable by others even with the sticky bit:
-    they could still create files in it, unless ``sticky_ok`` (a socket's
-    directory: others can neither remove nor replace the socket once it is bound).
-    A directory that does not exist yet is checked where it would be created.
-    Raises ``UnsafeDataDir`` naming the directory and the command that fixes it.
+    they could still create files in it (for a socket: take its name first, and
+    have clients talk to theirs). A directory that does not exist yet is checked
+    where it would be created. Raises ``UnsafeDataDir`` naming the directory and
+    the command that fixes it.
     """
     uid = os.geteuid()
     path = os.path.abspath(directory)
@@ -57,29 +57,28 @@ def check_private(directory: str, what: str = "data directory", sticky_ok: bool 
     if real != path:
         paths.append(real)  # the symlink's directory and the target's both matter
     for p in paths:
-        _check_chain(p, what, uid, sticky_ok)
+        _check_chain(p, what, uid)
     for sub in (SEGMENTS_DIR, QUARANTINE_DIR):  # where walbatch keeps its files, inside
         p = os.path.join(real, sub)
         if os.path.isdir(p) and not os.path.islink(p):
             _check_one(p, os.lstat(p), what, uid, p)
 
 
-def _check_chain(path: str, what: str, uid: int, sticky_ok: bool = False) -> None:
+def _check_chain(path: str, what: str, uid: int) -> None:
     current = path
     while not os.path.lexists(current) and os.path.dirname(current) != current:
         current = os.path.dirname(current)  # not created yet: its would-be parent decides
     while True:
         st = os.lstat(current)
         if stat.S_ISDIR(st.st_mode):
-            _check_one(current, st, what, uid, path, sticky_ok)
+            _check_one(current, st, what, uid, path)
         parent = os.path.dirname(current)
         if parent == current:
             return
         current = parent
 
 
-def _check_one(path: str, st: os.stat_result, what: str, uid: int, target: str,
-               sticky_ok: bool = False) -> None:
+def _check_one(path: str, st: os.stat_result, what: str, uid: int, target: str) -> None:
     where = "it" if path == target else f"{path} above it"
     hint = ("or start the daemon with --no-strict-modes (strict_modes=False) if every user "
             "who can write there is trusted")
@@ -90,7 +89,7 @@ def _check_one(path: str, st: os.stat_result, what: str, uid: int, target: str,
             f"user walbatch runs as) or to root, {hint}")
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     sticky = st.st_mode & stat.S_ISVTX
-    if writable and not (sticky and (path != target or sticky_ok)):
+    if writable and not (sticky and path != target):
         who = " and ".join(n for bit, n in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "everyone"))
                            if writable & bit)
         # A shared sticky directory (/tmp) is meant to be writable by all: use one of
