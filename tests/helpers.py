@@ -96,3 +96,15 @@ def read_acks(prefix: str) -> set[str]:
         with open(path) as f:
             acked.update(line[:-1] for line in f if line.endswith("\n"))
     return acked
+
+
+def answered(socks: list, at_least: int, timeout: float = WAIT) -> list:
+    """The sockets with something to read (an answer, or EOF), once ``at_least`` have it."""
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    ready: list = []
+    while len(ready) < at_least and time.monotonic() < deadline:
+        ready, _, _ = select.select(socks, [], [], 0.2)
+    return ready

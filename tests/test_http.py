@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import select
 import socket
 import sqlite3
 import threading
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import answered
 from http_daemon import WAIT, HttpDaemon, write_gate_sink
 
 from walbatch.client import Busy, Client
@@ -548,11 +548,8 @@ def test_http_connections_past_the_descriptor_limit_get_503_and_the_log_keeps_wo
         assert c.ping()["pong"] is True  # connected before the flood
         idle = [socket.create_connection(("127.0.0.1", d.port), timeout=WAIT) for _ in range(100)]
         try:
-            deadline = time.monotonic() + WAIT
-            answered: list[socket.socket] = []
-            while len(answered) < 100 - 64 and time.monotonic() < deadline:
-                answered, _, _ = select.select(idle, [], [], 0.2)
-            refused = [s.recv(4096) for s in answered]
+            ready = answered(idle, 100 - 64)
+            refused = [s.recv(4096) for s in ready]
             assert len(refused) >= 100 - (128 - 64), len(refused)
             assert all(r.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in r
                        for r in refused), {r[:60] for r in refused}

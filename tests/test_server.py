@@ -11,7 +11,6 @@ import collections
 import grp
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -28,6 +27,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers import answered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -336,11 +336,8 @@ def test_connections_beyond_the_fd_limit_get_busy_and_everyone_else_is_served(da
         idle = [raw_connect(d.socket_path) for _ in range(100)]
         try:
             # The refused ones are answered at once; the served ones stay silent.
-            deadline = time.monotonic() + WAIT
-            answered: list[socket.socket] = []
-            while len(answered) < 100 - 64 and time.monotonic() < deadline:
-                answered, _, _ = select.select(idle, [], [], 0.2)
-            busy = [read_frame(s) for s in answered]
+            ready = answered(idle, 100 - 64)
+            busy = [read_frame(s) for s in ready]
             assert busy and all(a is not None and a["code"] == "busy" for a in busy), busy
             assert len(busy) >= 100 - (128 - 64)
             # The client that was there first goes on, across several new segments.

@@ -44,6 +44,16 @@ class _Waiter:
         self.alone = alone  # an exclusive() caller: leads by itself, never in a group
 
 
+def join_decoded(parts: list[list[Any] | None]) -> list[Any] | None:
+    """The decoded items of payloads joined into one, or None unless every part has them
+    (a payload without them would shift every item after it onto the wrong seq)."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(p is None for p in parts):
+        return None
+    return list(itertools.chain.from_iterable(parts))  # type: ignore[arg-type]
+
+
 class GroupCommitter:
     def __init__(
         self,
@@ -124,10 +134,7 @@ class GroupCommitter:
                 size += len(w.payload)
         count = sum(w.count for w in group) if len(group) > 1 else group[0].count
         payload = group[0].payload if len(group) == 1 else b"".join(w.payload for w in group)
-        decoded = group[0].decoded
-        if len(group) > 1 and decoded is not None:
-            decoded = (list(itertools.chain.from_iterable(w.decoded for w in group))  # type: ignore[arg-type]
-                       if all(w.decoded is not None for w in group) else None)
+        decoded = join_decoded([w.decoded for w in group])
         t0 = time.perf_counter()
         took = -1.0
         try:

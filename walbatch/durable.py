@@ -22,7 +22,7 @@ import msgpack
 
 from . import values
 from .checkpoint import Checkpoint
-from .commit import GroupCommitter
+from .commit import GroupCommitter, join_decoded
 from .datadir import check_private
 from .delivery import Delivery, Stats, close_sink
 from .dlq import DeadLetterStore
@@ -477,10 +477,7 @@ class DurableBatcher:
                 entries, q.entries = q.entries[:k], q.entries[k:]
                 payload = entries[0][0] if len(entries) == 1 else b"".join(e[0] for e in entries)
                 total = sum(e[1] for e in entries)
-                decoded = entries[0][4]
-                if len(entries) > 1 and decoded is not None:
-                    decoded = ([x for e in entries for x in e[4]]
-                               if all(e[4] is not None for e in entries) else None)
+                decoded = join_decoded([e[4] for e in entries])
                 try:
                     first = await loop.run_in_executor(pool, self._commit_payload, payload, total,
                                                        decoded)
